@@ -1,0 +1,274 @@
+"""`perturbot`: train, demo, predict, evaluate, runs, metrics, bench.
+
+Errors are one line on stderr: exit code 2 for bad input (data, options), 1 for a failed run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from engine.data import DataError
+
+SOLVER_NAMES = ("cellot", "identity", "observed", "mean_shift", "gaussian")
+
+
+class Progress:
+    """One self-overwriting status line on stderr for long training runs."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.started, self.last = label, time.perf_counter(), 0.0
+
+    def __call__(self, done: int, total: int, stacks_done: int, stacks: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < 1.0 and done < total:
+            return
+        self.last = now
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f", eta {int((total - done) / rate)}s" if 0 < done < total and rate > 0 else ""
+        percent = 100 * done / total if total else 100.0
+        end = "\r" if sys.stderr.isatty() else "\n"
+        print(f"{self.label}: {done}/{total} steps ({percent:.0f}%), {stacks_done}/{stacks} stacks done, "
+              f"{elapsed:.0f}s{eta}   ", end=end, file=sys.stderr, flush=True)
+
+
+def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
+    if data_required:
+        p.add_argument("--data", required=True, help="input .h5ad (dense or sparse X, or --obsm-key)")
+        p.add_argument("--condition-key", required=True, help="obs column holding the condition labels")
+        p.add_argument("--control", required=True, help="control label in that column")
+        p.add_argument("--perturbations", default="all", help="'all' or a comma-separated list of labels")
+    p.add_argument("--solver", default="cellot", choices=SOLVER_NAMES)
+    p.add_argument("--config", type=Path, help="YAML with sections data, solver, train, cluster")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. train.batch_size=128 or solver.init=uniform")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<time>)")
+    p.add_argument("--store", help="SQLAlchemy URL of the metrics store (default sqlite in the run dir)")
+    p.add_argument("--address", default=None, help="local (default, in-process Ray) | auto | ray://host:port")
+    p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
+    p.add_argument("--split-by", help="obs key: one map per (group, perturbation), controls from the same group")
+    p.add_argument("--holdout", metavar="KEY=VALUE", help="cells with obs[KEY]==VALUE form the test split (o.o.s.)")
+    p.add_argument("--preprocess", choices=("none", "log1p_normalize", "qscale_log1p", "arcsinh5"))
+    p.add_argument("--embed", help="train in a latent space, e.g. pca:50 (metrics decoded to genes)")
+    p.add_argument("--obsm-key", help="take features from adata.obsm[KEY] instead of X")
+    p.add_argument("--seed", type=int, help="seed of splits, initialisation and minibatches (default 0)")
+    p.add_argument("--steps", type=int, help="outer training steps per map (default 2000)")
+    p.add_argument("--published-steps", action="store_true", help="use the paper's step count (CellOT: 100k)")
+
+
+def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str, control: str,
+                    perturbations: str, split_by: str | None) -> Any:
+    from engine.config import RunConfig, apply_overrides
+    from engine.solvers import solver_class
+
+    raw: dict[str, Any] = yaml.safe_load(args.config.read_text()) if args.config else {}
+    if not isinstance(raw, dict):
+        raise DataError(f"{args.config}: expected a YAML mapping with sections data, solver, train, cluster")
+    raw["dataset"] = dataset
+    data = raw.setdefault("data", {})
+    data.update({"condition_key": condition_key, "control": control})
+    if perturbations != "all":
+        data["perturbations"] = [p.strip() for p in perturbations.split(",") if p.strip()]
+    for key, value in (("split_by", split_by), ("preprocess", args.preprocess), ("embed", args.embed),
+                       ("obsm_key", args.obsm_key), ("seed", args.seed)):
+        if value is not None:
+            data[key] = value
+    if args.holdout:
+        key, sep, value = args.holdout.partition("=")
+        if not sep:
+            raise DataError(f"--holdout expects KEY=VALUE, got {args.holdout!r}")
+        data["holdout"] = [key, value]
+    solver = raw.setdefault("solver", {})
+    solver["name"] = args.solver if args.solver != "cellot" or "name" not in solver else solver["name"]
+    train = raw.setdefault("train", {})
+    if args.published_steps:
+        train["steps"] = solver_class(solver["name"]).published_steps or train.get("steps", 2000)
+    if args.steps is not None:
+        train["steps"] = args.steps
+    if args.seed is not None:
+        train["seed"] = args.seed
+    cluster = raw.setdefault("cluster", {})
+    for key, value in (("address", args.address), ("workers", args.workers), ("gpus_per_worker", args.gpus_per_worker)):
+        if value is not None:
+            cluster[key] = value
+    apply_overrides(raw, args.set)
+    try:
+        return RunConfig.from_dict(raw)
+    except (TypeError, ValueError) as error:
+        raise DataError(str(error)) from error
+
+
+def _run(config: Any, out: Path | None, store: str | None) -> int:
+    from engine.api import run
+
+    run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    result = run(config, run_dir, store, on_progress=Progress(f"training {config.solver}"))
+    print(file=sys.stderr)
+    maps = result.maps()
+    print(f"run {result.run_id}: {len(maps)} maps, "
+          + ", ".join(f"{n} {s}" for s, n in maps["status"].value_counts().items()) + f" -> {run_dir}")
+    _print_metrics(result.metrics(), "table")
+    return 0 if maps["status"].isin(["trained", "diverged"]).all() else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = _resolve_config(args, str(args.data), args.condition_key, args.control, args.perturbations, args.split_by)
+    return _run(config, args.out, args.store)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from engine.data import make_synthetic
+
+    out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = out / "synthetic.h5ad"
+    make_synthetic(n_perturbations=4, n_groups=2, dim=10, n_cells=1000, seed=0).write_h5ad(dataset)
+    print(f"synthetic data: 2 groups x 4 perturbations, 10 features -> {dataset}", file=sys.stderr)
+    config = _resolve_config(args, str(dataset), "condition", "control", "all", args.split_by or "group")
+    return _run(config, out, args.store)
+
+
+def _open_run(run: str, store: str | None) -> Any:
+    from engine.api import FitResult
+
+    return FitResult.load(run, store)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from engine.data import read_h5ad
+
+    result = _open_run(args.run, args.store)
+    wanted = [p.strip() for p in args.perturbations.split(",")] if args.perturbations else None
+    predicted = result.predict(read_h5ad(args.data), wanted)
+    predicted.write_h5ad(args.out)
+    print(f"{predicted.n_obs} predicted cells ({len(set(predicted.obs['perturbation']))} perturbations) -> {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from engine.train.maps import reevaluate
+
+    result = _open_run(args.run, args.store)
+    rows = reevaluate(result, bootstrap=args.bootstrap, markers=args.markers, sinkhorn=args.sinkhorn)
+    print(f"{rows} metric rows written for run {result.run_id}")
+    _print_metrics(result.metrics(), "table")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from engine.store import Store
+
+    urls = [args.store] if args.store else [f"sqlite:///{p.resolve()}" for p in sorted(Path(args.root).glob("*/metrics.sqlite"))]
+    frames = []
+    for url in urls:
+        store = Store(url)
+        frames.append(store.runs())
+        store.close()
+    if not frames or all(f.empty for f in frames):
+        print("no runs found" + ("" if args.store else f" under {args.root}/ (use --store URL)"))
+        return 0
+    runs = pd.concat(frames)[["run_id", "kind", "solver", "dataset", "status", "created_at", "finished_at"]]
+    print(runs.to_string(index=False))
+    return 0
+
+
+def _print_metrics(frame: Any, fmt: str, raw: bool = False) -> None:
+    if not raw:
+        final = frame[frame["split"].isin(["test", "test_identity", "test_observed"])]
+        if final.empty:
+            print("no final metrics yet")
+            return
+        frame = final.pivot_table(index=["perturbation", "metric"], columns="split", values="value").reset_index()
+        frame.columns.name = None
+        frame = frame.rename(columns={"test": "model", "test_identity": "identity", "test_observed": "observed"})
+    if fmt == "csv":
+        print(frame.to_csv(index=False), end="")
+    elif fmt == "json":
+        print(frame.to_json(orient="records"))
+    else:
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    result = _open_run(args.run, args.store)
+    frame = result.metrics(metric=args.metric)
+    _print_metrics(frame, args.format, args.raw)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from engine.bench import main as bench_main
+
+    bench_main(rest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="perturbot", description="Neural optimal-transport maps of single-cell perturbations, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train one map per perturbation (per group) and evaluate it")
+    _train_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("demo", help="train on a shipped synthetic dataset (2 groups x 4 perturbations)")
+    _train_args(p, data_required=False)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("predict", help="predict perturbed cells from control cells with a trained run")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--data", required=True, help=".h5ad of control cells (same features as training)")
+    p.add_argument("--perturbations", help="comma-separated map names (default: all)")
+    p.add_argument("--out", required=True, type=Path, help="output .h5ad")
+    p.add_argument("--store")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("evaluate", help="re-evaluate a run's maps on held-out cells (bootstrap, markers)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--bootstrap", type=int, default=10, help="random subsamples of 100..1500 cells (CellOT: 10)")
+    p.add_argument("--markers", type=int, default=None, help="use the top-N marker features (<= those ranked)")
+    p.add_argument("--sinkhorn", action="store_true", help="add the Sinkhorn divergence (eps 1, <= 500 cells; slow)")
+    p.add_argument("--store")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("runs", help="list runs in a store")
+    p.add_argument("--store", help="SQLAlchemy URL (default: every runs/*/metrics.sqlite)")
+    p.add_argument("--root", default="runs", help="where to look for run directories")
+    p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("metrics", help="metrics of a run: per map, model vs identity vs observed")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--store")
+    p.add_argument("--metric", help="only this metric")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--raw", action="store_true", help="every row (training logs, validation), not the summary")
+    p.set_defaults(func=cmd_metrics)
+    p = sub.add_parser("bench", help="throughput benchmark, stacked vs one-at-a-time (args: perturbot bench -- --help)",
+                       add_help=False)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argparse.Namespace(), [a for a in argv[1:] if a != "--"])
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DataError as error:
+        print(f"perturbot: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("perturbot: interrupted", file=sys.stderr)
+        return 1
+    except Exception as error:  # a failed run: one line, the details are in the run directory / logs
+        print(f"perturbot: run failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

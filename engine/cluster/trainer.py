@@ -1,0 +1,130 @@
+"""One Ray Train fit per job: each worker owns whole maps, balanced by cell count, and trains
+them as stacks with the device-level loop (engine.train). No gradients are exchanged between
+workers: different maps share nothing.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import ray
+import torch
+from ray.train import FailureConfig, ScalingConfig
+from ray.train import RunConfig as RayRunConfig
+from ray.train.torch import TorchTrainer
+
+from engine.cluster.actors import MetricsSink, ShardStore, SinkReporter
+from engine.config import RunConfig
+from engine.data import MapKey, PreparedData
+from engine.train.maps import stack_id, train_maps
+
+
+def balance(maps: list[MapKey], weights: list[int], workers: int) -> list[list[MapKey]]:
+    """Greedy longest-first assignment of maps to workers by cell count (each list sorted by name)."""
+    loads = [0] * workers
+    owned: list[list[MapKey]] = [[] for _ in range(workers)]
+    for weight, key in sorted(zip(weights, maps), key=lambda p: (-p[0], p[1].name)):
+        w = loads.index(min(loads))
+        owned[w].append(key)
+        loads[w] += weight
+    return [sorted(keys, key=lambda k: k.name) for keys in owned]
+
+
+def stacks_of(assignments: list[list[MapKey]], stack_size: int) -> list[str]:
+    return [
+        stack_id(keys[i : i + stack_size]) for keys in assignments for i in range(0, len(keys), max(1, stack_size))
+    ]
+
+
+def train_worker(loop_config: dict) -> None:
+    """Per-worker function: fetch this worker's cells zero-copy, train its maps stack by stack."""
+    rank = ray.train.get_context().get_world_rank()
+    keys = [MapKey(*k) for k in loop_config["assignments"][rank]]
+    if not keys:
+        return
+    config = RunConfig.from_dict(loop_config["config"])
+    shards = ray.get_actor(loop_config["shards"])
+    layout: PreparedData = ray.get(shards.layout.remote())
+    control = layout.spec.control
+    wanted = [
+        (k.group or "", condition, split)
+        for k in keys
+        for condition in (control, k.perturbation)
+        for split in ("train", "test")
+    ]
+    refs = ray.get(shards.tables.remote(sorted(set(wanted))))
+    tables = dict(zip(refs, ray.get(list(refs.values()))))
+    prepared = PreparedData(**{**layout.__dict__, "tables": tables})
+    if config.cluster.gpus_per_worker > 0:
+        device = ray.train.torch.get_device()
+    else:
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+    reporter = SinkReporter(ray.get_actor(loop_config["sink"]))
+    train_maps(prepared, keys, config, Path(loop_config["run_dir"]), reporter, device, loop_config["run_id"])
+
+
+def run_training(
+    config: RunConfig,
+    prepared: PreparedData,
+    run_dir: Path,
+    run_id: str,
+    store_url: str,
+    on_progress: Callable[[int, int, int, int], None] | None = None,
+) -> None:
+    """Start the shard store and metrics sink, run ONE TorchTrainer fit, report progress while it runs.
+
+    on_progress(done_steps, total_steps, done_stacks, n_stacks) is called about twice a second.
+    """
+    workers = max(1, min(config.cluster.workers, len(prepared.maps)))
+    assignments = balance(prepared.maps, [prepared.n_cells(k) for k in prepared.maps], workers)
+    stacks = stacks_of(assignments, config.train.stack_size)
+    steps_per_stack = config.train.steps
+    shards = ShardStore.options(name=f"perturbot-shards-{run_id}").remote(str(run_dir / "data"))
+    sink = MetricsSink.options(name=f"perturbot-sink-{run_id}").remote(store_url)
+    ray.get(shards.layout.remote())  # surface data-loading errors before the fit
+    use_gpu = config.cluster.gpus_per_worker > 0
+    resources = {"CPU": 1, **({"GPU": config.cluster.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "assignments": [[tuple(k) for k in keys] for keys in assignments],
+            "shards": f"perturbot-shards-{run_id}",
+            "sink": f"perturbot-sink-{run_id}",
+            "run_dir": str(run_dir.resolve()),
+            "run_id": run_id,
+        },
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RayRunConfig(
+            name=run_id,
+            storage_path=str((run_dir / "ray").resolve()),
+            failure_config=FailureConfig(max_failures=2),
+        ),
+    )
+    outcome: dict[str, object] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised on the driver thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+            if on_progress is not None:
+                snapshot = ray.get(sink.snapshot.remote())
+                done = sum(d for d, _ in snapshot.values())
+                finished = sum(1 for d, t in snapshot.values() if d >= t)
+                on_progress(done, steps_per_stack * len(stacks), finished, len(stacks))
+    finally:
+        ray.get(sink.snapshot.remote())  # every queued row is written before the sink goes
+        for actor in (shards, sink):
+            ray.kill(actor)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]

@@ -1,0 +1,19 @@
+"""AnnData -> validated, preprocessed, split and embedded cell tables (Arrow), one set per map."""
+
+from engine.data.embed import Embedding
+from engine.data.io import read_h5ad
+from engine.data.prepared import PreparedData, prepare
+from engine.data.spec import DataError, DataSpec, MapKey
+from engine.data.synthetic import make_synthetic, synthetic_map
+
+__all__ = [
+    "DataError",
+    "DataSpec",
+    "Embedding",
+    "MapKey",
+    "PreparedData",
+    "make_synthetic",
+    "prepare",
+    "read_h5ad",
+    "synthetic_map",
+]

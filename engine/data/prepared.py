@@ -1,0 +1,286 @@
+"""AnnData -> PreparedData: validated, preprocessed, split and embedded cells in Arrow tables.
+
+One table per (group, condition, split): ``cell`` (obs name), ``x`` (fixed_size_list<float32>[dim],
+training space) and, when embedded, ``x_data`` (fixed_size_list<float32>[n_features], data space
+after preprocessing). Tables are read back as numpy views without a copy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from engine.data.embed import Embedding, fit_pca
+from engine.data.io import aligned_features, feature_matrix
+from engine.data.markers import rank_markers
+from engine.data.preprocess import Preprocessing
+from engine.data.spec import DataError, DataSpec, MapKey, name_some, pca_components
+from engine.data.split import pair_indices, split_test_cells
+
+SPLITS = ("train", "test")
+FORMAT = 1
+
+
+def _fixed_size_lists(x: np.ndarray) -> pa.FixedSizeListArray:
+    """[n, d] float32 -> fixed_size_list<float32>[d] over the same contiguous buffer."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), x.shape[1])
+
+
+def _read_arrow(path: Path) -> pa.Table:
+    """An Arrow IPC file as a table over a memory map (no copy)."""
+    return ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed_size_list<float32> column as a read-only [n, d] view (zero-copy for one chunk)."""
+    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return array.flatten().to_numpy(zero_copy_only=True).reshape(-1, column.type.list_size)
+
+
+@dataclass(eq=False)
+class PreparedData:
+    """The cells of every map, split, in the training space (and the data space when embedded)."""
+
+    spec: DataSpec
+    features: list[str]
+    maps: list[MapKey]
+    tables: dict[tuple[str, str, str], pa.Table]
+    preprocessing: Preprocessing
+    embedding: Embedding | None
+    markers: dict[str, np.ndarray]
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the training space: the latent one when embedded, else n_features."""
+        return len(self.features) if self.embedding is None else self.embedding.dim
+
+    def _table(self, group: str | None, condition: str, split: str) -> pa.Table:
+        key = (group or "", condition, split)
+        if key not in self.tables:
+            raise KeyError(f"no cell table for group={group!r}, condition={condition!r}, split={split!r}")
+        return self.tables[key]
+
+    def cells(self, group: str | None, condition: str, split: str, space: str = "train") -> np.ndarray:
+        """Read-only float32 [n, d] view of a table: ``space`` "train" (dim) or "data" (n_features)."""
+        if space not in ("train", "data"):
+            raise ValueError(f"space must be 'train' or 'data', got {space!r}")
+        column = "x_data" if space == "data" and self.embedding is not None else "x"
+        return _matrix(self._table(group, condition, split).column(column))
+
+    def cell_names(self, group: str | None, condition: str, split: str) -> list[str]:
+        """Obs names of a table's cells, in table order."""
+        return self._table(group, condition, split).column("cell").to_pylist()
+
+    def control_of(self, key: MapKey) -> tuple[str | None, str]:
+        """(group, control label) of the source cells of a map."""
+        return key.group, self.spec.control
+
+    def n_cells(self, key: MapKey) -> int:
+        """Train cells of a map, source plus target (the load-balancing weight)."""
+        return sum(self._table(key.group, c, "train").num_rows for c in (self.spec.control, key.perturbation))
+
+    def encode_controls(self, adata: ad.AnnData) -> np.ndarray:
+        """New cells in the training space: the fitted preprocessing, then the embedding.
+
+        Features must match ``self.features`` by name (a permutation is reordered), else DataError.
+        """
+        x = self.preprocessing(aligned_features(adata, self.features, self.spec.obsm_key))
+        return x if self.embedding is None else self.embedding.encode(x)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write tables as Arrow IPC files, ``meta.json`` and ``arrays.npz``; returns the directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for i, ((group, condition, split), table) in enumerate(sorted(self.tables.items())):
+            file = f"cells_{i:05d}.arrow"
+            with pa.OSFile(str(directory / file), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            entries.append({"group": group, "condition": condition, "split": split, "file": file})
+        arrays = {"markers": np.stack([self.markers[key.name] for key in self.maps])}
+        if self.preprocessing.scale is not None:
+            arrays["qscale"] = self.preprocessing.scale
+        if self.embedding is not None:
+            arrays["pca_mean"], arrays["pca_components"] = self.embedding.mean, self.embedding.components
+        np.savez(directory / "arrays.npz", **arrays)
+        meta = {
+            "format": FORMAT,
+            "spec": self.spec.to_dict(),
+            "features": self.features,
+            "maps": [[key.group, key.perturbation] for key in self.maps],
+            "tables": entries,
+        }
+        (directory / "meta.json").write_text(json.dumps(meta, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PreparedData:
+        """Read what ``save`` wrote; the tables are memory-mapped, not copied."""
+        directory = Path(directory)
+        if not (directory / "meta.json").is_file():
+            raise DataError(f"no prepared data in {directory} (meta.json missing)")
+        meta = json.loads((directory / "meta.json").read_text())
+        spec = DataSpec.from_dict(meta["spec"])
+        maps = [MapKey(group, perturbation) for group, perturbation in meta["maps"]]
+        tables = {
+            (e["group"], e["condition"], e["split"]): _read_arrow(directory / e["file"])
+            for e in meta["tables"]
+        }
+        with np.load(directory / "arrays.npz") as arrays:
+            markers = {key.name: arrays["markers"][i] for i, key in enumerate(maps)}
+            preprocessing = Preprocessing(spec.preprocess, arrays["qscale"] if "qscale" in arrays else None)
+            embedding = Embedding(arrays["pca_mean"], arrays["pca_components"]) if "pca_mean" in arrays else None
+        return cls(spec, meta["features"], maps, tables, preprocessing, embedding, markers)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, PreparedData)
+            and (self.spec, self.features, self.maps) == (other.spec, other.features, other.maps)
+            and self.preprocessing == other.preprocessing
+            and self.embedding == other.embedding
+            and self.markers.keys() == other.markers.keys()
+            and all(np.array_equal(v, other.markers[k]) for k, v in self.markers.items())
+            and self.tables.keys() == other.tables.keys()
+            and all(t.equals(other.tables[k]) for k, t in self.tables.items())
+        )
+
+
+def _labels(adata: ad.AnnData, key: str, role: str) -> np.ndarray:
+    """obs[key] as an object array of str; DataError naming the key when it is not an obs column."""
+    if key not in adata.obs.columns:
+        columns = name_some([str(c) for c in adata.obs.columns])
+        raise DataError(f"{role} {key!r} is not an obs column; obs columns: {columns}")
+    return adata.obs[key].astype(str).to_numpy(dtype=object)
+
+
+def _perturbations(conditions: np.ndarray, spec: DataSpec) -> set[str]:
+    """The perturbation labels to map, checked against those present in obs[condition_key]."""
+    present = set(pd.unique(conditions))
+    where = f"obs[{spec.condition_key!r}]"
+    if spec.control not in present:
+        raise DataError(f"control label {spec.control!r} not found in {where}; labels: {name_some(sorted(present))}")
+    if spec.perturbations is None:
+        if present == {spec.control}:
+            raise DataError(f"{where} has no perturbation labels besides the control {spec.control!r}")
+        return present - {spec.control}
+    if spec.control in spec.perturbations:
+        raise DataError(f"the control label {spec.control!r} is also listed as a perturbation")
+    unknown = [p for p in spec.perturbations if p not in present]
+    if unknown:
+        raise DataError(f"perturbation labels not found in {where}: {name_some(unknown)}")
+    return set(spec.perturbations)
+
+
+def _where(spec: DataSpec, group: str, condition: str) -> str:
+    """'condition_key='label'[, split_by='group']' for messages."""
+    return f"{spec.condition_key}={condition!r}" + (f", {spec.split_by}={group!r}" if spec.split_by else "")
+
+
+def _check_counts(used: list[tuple[str, str]], pairs: dict[tuple[str, str], np.ndarray], spec: DataSpec) -> None:
+    small = [(g, c, len(pairs.get((g, c), ()))) for g, c in used if len(pairs.get((g, c), ())) < spec.min_cells]
+    if small:
+        g, c, n = small[0]
+        more = f" (and {len(small) - 1} more groups/conditions)" if len(small) > 1 else ""
+        raise DataError(f"too few cells: {_where(spec, g, c)} has {n} cells (min_cells={spec.min_cells}){more}")
+
+
+def _check_splits(
+    used: list[tuple[str, str]], pairs: dict[tuple[str, str], np.ndarray], is_test: np.ndarray, spec: DataSpec
+) -> None:
+    for g, c in used:
+        n_test = int(is_test[pairs[(g, c)]].sum())
+        n_train = len(pairs[(g, c)]) - n_test
+        if n_test == 0 or n_train == 0:
+            raise DataError(
+                f"empty split: {_where(spec, g, c)} has {n_train} train and {n_test} test cells"
+                + (f" with holdout {spec.holdout[0]}={spec.holdout[1]!r}" if spec.holdout else "")
+            )
+
+
+def _cell_table(names: np.ndarray, x_model: np.ndarray, x_data: np.ndarray | None) -> pa.Table:
+    """Columns cell, x and (when embedded) x_data."""
+    columns = {"cell": pa.array(names, pa.string()), "x": _fixed_size_lists(x_model)}
+    if x_data is not None:
+        columns["x_data"] = _fixed_size_lists(x_data)
+    return pa.table(columns)
+
+
+def _fit_embedding(x_train: np.ndarray, spec: DataSpec) -> Embedding | None:
+    k = pca_components(spec.embed)
+    if k is None:
+        return None
+    n, d = x_train.shape
+    if k > min(n, d):
+        raise DataError(f"embed {spec.embed!r} asks for {k} components; the data have {d} features, {n} train cells")
+    return fit_pca(x_train, k)
+
+
+def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
+    """Validate, select, split, preprocess, embed and rank markers (DESIGN.md "Data flow", step 1).
+
+    Maps: every (group, perturbation) present, with the control cells of the same group (one group
+    when ``spec.split_by`` is None). Only the cells of the maps' (group, condition) pairs are kept.
+    The preprocessing is fitted on control train cells, the PCA on all train cells, the markers on
+    the train cells of each map (data space). Every bad input is a one-line DataError.
+    """
+    if not adata.obs_names.is_unique:
+        repeated = adata.obs_names[adata.obs_names.duplicated()].unique()
+        raise DataError(f"duplicate cell names in obs_names: {name_some(list(map(str, repeated)))}")
+    conditions = _labels(adata, spec.condition_key, "condition key")
+    groups = _labels(adata, spec.split_by, "split_by key") if spec.split_by else np.full(adata.n_obs, "", dtype=object)
+    holdout = None
+    if spec.holdout is not None:
+        key, value = spec.holdout
+        holdout = _labels(adata, key, "holdout key") == value
+        if not holdout.any():
+            raise DataError(f"holdout value {value!r} not found in obs[{key!r}]")
+    perturbations = _perturbations(conditions, spec)
+    all_pairs = pair_indices(groups, conditions)
+    maps = sorted(
+        (MapKey(g if spec.split_by else None, c) for g, c in all_pairs if c in perturbations),
+        key=lambda m: (m.group or "", m.perturbation),
+    )
+    used = sorted({(key.group or "", c) for key in maps for c in (spec.control, key.perturbation)})
+    _check_counts(used, all_pairs, spec)
+
+    rows = np.sort(np.concatenate([all_pairs[p] for p in used]))
+    x, features = feature_matrix(adata, spec.obsm_key, rows)
+    names = adata.obs_names.to_numpy(dtype=object)[rows]
+    conditions, groups = conditions[rows], groups[rows]
+    pairs = pair_indices(groups, conditions)
+    held_out = None if holdout is None else holdout[rows]
+    is_test = split_test_cells(pairs, len(rows), spec.test_fraction, spec.seed, held_out)
+    _check_splits(used, pairs, is_test, spec)
+    train = ~is_test
+
+    preprocessing = Preprocessing.fit(spec.preprocess, x, train & (conditions == spec.control))
+    x_data = preprocessing(x)
+    embedding = _fit_embedding(x_data[train], spec)
+    x_model = x_data if embedding is None else embedding.encode(x_data)
+
+    rows_of = {
+        (g, c, split): pairs[(g, c)][in_split[pairs[(g, c)]]]
+        for g, c in used
+        for split, in_split in zip(SPLITS, (train, is_test))
+    }
+    markers = {
+        key.name: rank_markers(
+            x_data[rows_of[(key.group or "", key.perturbation, "train")]],
+            x_data[rows_of[(key.group or "", spec.control, "train")]],
+            spec.markers,
+        )
+        for key in maps
+    }
+    tables = {
+        key: _cell_table(names[idx], x_model[idx], None if embedding is None else x_data[idx])
+        for key, idx in rows_of.items()
+    }
+    return PreparedData(spec, features, maps, tables, preprocessing, embedding, markers)

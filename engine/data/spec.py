@@ -1,0 +1,106 @@
+"""Names shared by the data layer: the error type, a map key, and the data spec."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+PREPROCESSING = ("none", "log1p_normalize", "qscale_log1p", "arcsinh5")
+
+
+class DataError(ValueError):
+    """Bad input data or spec; ``str(err)`` is one line naming the offending thing."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).splitlines()))
+
+
+def name_some(items: list[str], limit: int = 5) -> str:
+    """The first ``limit`` items quoted, for one-line messages: "'a', 'b' and 3 more"."""
+    if not items:
+        return "none"
+    shown = ", ".join(map(repr, items[:limit]))
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+class MapKey(NamedTuple):
+    """One trained map: a perturbation, within a group when the data are split by a key."""
+
+    group: str | None
+    perturbation: str
+
+    @property
+    def name(self) -> str:
+        """"group/perturbation" when grouped, else "perturbation" (the store's perturbation column)."""
+        return self.perturbation if self.group is None else f"{self.group}/{self.perturbation}"
+
+
+def pca_components(embed: str | None) -> int | None:
+    """K of an embed spec "pca:K" (K >= 1); None for no embedding."""
+    if embed is None:
+        return None
+    match = re.fullmatch(r"pca:([0-9]+)", str(embed).strip())
+    if match is None or int(match.group(1)) < 1:
+        raise DataError(f"bad embed spec {embed!r}; expected 'pca:K' with K >= 1")
+    return int(match.group(1))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What to read from an AnnData and how to turn it into cell tables (see engine.data.prepare)."""
+
+    condition_key: str  # obs column of condition labels
+    control: str  # the control label in it
+    perturbations: tuple[str, ...] | None = None  # labels to map; None = all but the control
+    split_by: str | None = None  # obs column: one map per (group, perturbation), same-group controls
+    holdout: tuple[str, str] | None = None  # (KEY, VALUE): cells with obs[KEY] == VALUE are the test split
+    preprocess: str = "none"  # none | log1p_normalize | qscale_log1p | arcsinh5
+    embed: str | None = None  # "pca:K": train in a K-dim PCA latent
+    obsm_key: str | None = None  # features from adata.obsm[key] instead of X
+    test_fraction: float = 0.2  # per (group, condition), without holdout
+    min_cells: int = 30  # per (group, condition) used by a map
+    markers: int = 50  # marker features per map (|Welch t|)
+    seed: int = 0  # split seed
+
+    def __post_init__(self) -> None:
+        if self.perturbations is not None:
+            if isinstance(self.perturbations, str) or len(self.perturbations) == 0:
+                raise DataError(f"perturbations must be a non-empty list of labels, got {self.perturbations!r}")
+            object.__setattr__(self, "perturbations", tuple(str(p) for p in self.perturbations))
+        if self.holdout is not None:
+            if isinstance(self.holdout, str) or len(self.holdout) != 2:
+                raise DataError(f"holdout must be a (KEY, VALUE) pair, got {self.holdout!r}")
+            object.__setattr__(self, "holdout", (str(self.holdout[0]), str(self.holdout[1])))
+        if self.preprocess not in PREPROCESSING:
+            raise DataError(f"unknown preprocess {self.preprocess!r}; expected one of {', '.join(PREPROCESSING)}")
+        pca_components(self.embed)
+        if not 0.0 < self.test_fraction < 1.0:
+            raise DataError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        for name in ("min_cells", "markers"):
+            if int(getattr(self, name)) < 1:
+                raise DataError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.seed) < 0:
+            raise DataError(f"seed must be >= 0, got {self.seed!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
+        """Build from a json/yaml mapping (lists become tuples); unknown or missing keys are a DataError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise DataError(f"unknown data spec keys: {', '.join(map(repr, unknown))}")
+        missing = [k for k in ("condition_key", "control") if k not in d]
+        if missing:
+            raise DataError(f"data spec is missing {', '.join(map(repr, missing))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A json/yaml-safe mapping (tuples become lists) that ``from_dict`` turns back into this spec."""
+        d = dataclasses.asdict(self)
+        for key in ("perturbations", "holdout"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d

@@ -1,0 +1,25 @@
+"""Solver registry: a new solver registers here and needs no change to the training core."""
+from __future__ import annotations
+
+from typing import Any
+
+from engine.solvers.base import StackSolver, Transport, make_config
+from engine.solvers.baselines import GaussianMap, Identity, MeanShift, Observed
+from engine.solvers.cellot import CellOT
+
+SOLVERS: dict[str, type[StackSolver]] = {cls.name: cls for cls in (CellOT, Identity, Observed, MeanShift, GaussianMap)}
+
+
+def solver_class(name: str) -> type[StackSolver]:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def build_solver(name: str, n_maps: int, dim: int, params: dict[str, Any] | None = None) -> StackSolver:
+    """Instantiate solver `name` for a stack of n_maps maps in dimension dim (on CPU)."""
+    cls = solver_class(name)
+    return cls(n_maps, dim, make_config(cls.Config, params or {}))
+
+
+__all__ = ["SOLVERS", "StackSolver", "Transport", "build_solver", "solver_class"]

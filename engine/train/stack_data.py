@@ -1,0 +1,122 @@
+"""The cells of a stack of K maps, moved to the device once, and minibatches drawn on device.
+
+Each population (source train, target train) is one [N, d] tensor holding the K maps' cells
+back to back, with per-map offsets and counts. A minibatch is an index draw: map k takes b indices
+uniformly (with replacement) from its own cells and a gather gives [K, b, d].
+
+Draws are counter based: index = hash(map seed, stream, draw counter, slot) mod n_k. A map's
+draws therefore depend only on its own seed and the number of draws so far, never on which other
+maps share its stack, which is what makes stacked training equal one-at-a-time training; the
+counter is the whole sampler state a checkpoint needs.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.ot.gaussian import gaussian_moments
+
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # < 2**27: products of 32-bit values stay inside int64
+SOURCE, TARGET = 1, 2  # draw streams
+
+
+def map_seed(seed: int, map_name: str) -> int:
+    """A stable 31-bit seed for one map from the run seed and the map's name."""
+    digest = hashlib.sha256(f"{seed}:{map_name}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer hash (bijective on [0, 2^32)); works on int64 tensors and Python ints."""
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    return (x >> 16) ^ x
+
+
+@dataclass
+class Population:
+    """K maps' cells concatenated: cells [N, d], offsets [K], counts [K] (int64, on device)."""
+
+    cells: torch.Tensor
+    offsets: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def from_arrays(cls, arrays: list[np.ndarray], device: torch.device) -> "Population":
+        counts = torch.tensor([len(a) for a in arrays], dtype=torch.int64)
+        offsets = torch.cumsum(counts, 0) - counts
+        cells = torch.from_numpy(np.concatenate(arrays).astype(np.float32, copy=False))
+        return cls(cells.to(device), offsets.to(device), counts.to(device))
+
+    def of_map(self, k: int) -> torch.Tensor:
+        start, count = int(self.offsets[k]), int(self.counts[k])
+        return self.cells[start : start + count]
+
+
+@dataclass
+class Padded:
+    """Per-map cell sets padded to a common length: cells [K, m, d], weights [K, m] (0 = padding)."""
+
+    cells: torch.Tensor
+    weights: torch.Tensor
+
+    @classmethod
+    def from_arrays(cls, arrays: list[np.ndarray], device: torch.device) -> "Padded":
+        m, d = max(len(a) for a in arrays), arrays[0].shape[1]
+        cells = np.zeros((len(arrays), m, d), np.float32)
+        weights = np.zeros((len(arrays), m), np.float32)
+        for k, a in enumerate(arrays):
+            cells[k, : len(a)] = a
+            weights[k, : len(a)] = 1.0
+        return cls(torch.from_numpy(cells).to(device), torch.from_numpy(weights).to(device))
+
+
+class StackData:
+    """Training and validation cells of K maps on one device, with on-device minibatch draws."""
+
+    def __init__(
+        self,
+        source: list[np.ndarray],
+        target: list[np.ndarray],
+        valid_source: list[np.ndarray],
+        valid_target: list[np.ndarray],
+        seeds: list[int],
+        batch_size: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        device = torch.device(device)
+        self.source = Population.from_arrays(source, device)
+        self.target = Population.from_arrays(target, device)
+        self.valid_source = Padded.from_arrays(valid_source, device)
+        self.valid_target = Padded.from_arrays(valid_target, device)
+        self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device).unsqueeze(1)
+        self.slots = torch.arange(batch_size, dtype=torch.int64, device=device).unsqueeze(0)
+        self.n_maps, self.dim, self.device = len(seeds), self.source.cells.shape[1], device
+        self.draws = 0
+
+    def _draw(self, population: Population, stream: int) -> torch.Tensor:
+        key = mix32((stream << 24) ^ (self.draws & 0xFFFFFF))
+        self.draws += 1
+        per_map = mix32(self.seeds ^ key)
+        index = mix32(per_map ^ self.slots) % population.counts.unsqueeze(1) + population.offsets.unsqueeze(1)
+        return population.cells[index]
+
+    def source_batch(self) -> torch.Tensor:
+        """A fresh source (control) minibatch [K, b, d]."""
+        return self._draw(self.source, SOURCE)
+
+    def target_batch(self) -> torch.Tensor:
+        """A fresh target (perturbed) minibatch [K, b, d]."""
+        return self._draw(self.target, TARGET)
+
+    def moments(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-map Gaussian fits of the training cells (float64): mean_s, cov_s, mean_t, cov_t."""
+        fits = []
+        for population in (self.source, self.target):
+            means, covs = zip(*(gaussian_moments(population.of_map(k).double(), ridge) for k in range(self.n_maps)))
+            fits += [torch.stack(means), torch.stack(covs)]
+        return fits[0], fits[1], fits[2], fits[3]

@@ -1,0 +1,479 @@
+"""The training core: stacked maps, on-device sampling, CellOT, baselines, the training loop.
+
+Mathematical properties with explicit tolerances (STYLE.md):
+- a stack of K maps trains exactly like K maps trained one at a time (same seeds, same draws);
+- each map's minibatches depend on its own seed and cells only;
+- f stays convex (midpoint convexity, hidden weights >= 0);
+- on Gaussian -> Gaussian data CellOT recovers the closed-form Bures map (L2-UVP, SOLVERS.md);
+- a diverging map is frozen at its best state and leaves the others untouched;
+- a checkpointed, resumed run equals a straight one;
+- the baselines do what their formulas say; train_stack leaves each map at its best-MMD state.
+
+Small cell counts and 1 torch thread keep the default (not slow) set fast on a loaded 2-core box.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.ot.gaussian import bures_map
+from engine.solvers import build_solver
+from engine.solvers.base import StackSolver
+from engine.train.loop import StackOutcome, TrainConfig, train_stack, validation_mmd
+from engine.train.stack_data import StackData, map_seed
+
+NEVER = 10**9  # eval_every / checkpoint_every that never fires inside a test run
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: faster than 2 on a loaded 2-core machine, and a fixed reduction order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def random_spd(rng: np.random.Generator, dim: int, low: float = 0.5, high: float = 2.0) -> np.ndarray:
+    """A random SPD matrix with eigenvalues uniform in [low, high] (random orthogonal eigenbasis)."""
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    return (q * rng.uniform(low, high, size=dim)) @ q.T
+
+
+def gaussian_cells(rng: np.random.Generator, mean: np.ndarray, cov: np.ndarray, n: int) -> np.ndarray:
+    return rng.multivariate_normal(mean, cov, size=n).astype(np.float32)
+
+
+def toy_maps(n_maps: int, dim: int, seed: int = 0, sizes: tuple[int, ...] = (300, 420, 250, 360)):
+    """Different data per map: Gaussians with their own means, covariances and cell counts.
+
+    Returns (source, target, valid_source, valid_target), lists of float32 [n, d] arrays.
+    """
+    rng = np.random.default_rng(seed)
+    out: tuple[list, list, list, list] = ([], [], [], [])
+    for k in range(n_maps):
+        n = sizes[k % len(sizes)]
+        m_s, m_t = rng.normal(size=dim), rng.normal(size=dim) + 1.0
+        c_s, c_t = random_spd(rng, dim), random_spd(rng, dim)
+        for i, (mean, cov, count) in enumerate(((m_s, c_s, n), (m_t, c_t, n + 37), (m_s, c_s, 60 + 7 * k), (m_t, c_t, 50 + 5 * k))):
+            out[i].append(gaussian_cells(rng, mean, cov, count))
+    return out
+
+
+def select(arrays: tuple[list, ...], maps: list[int]) -> tuple[list, ...]:
+    return tuple([a[k] for k in maps] for a in arrays)
+
+
+def make_data(arrays, seeds, batch_size: int = 64) -> StackData:
+    return StackData(*arrays, seeds=list(seeds), batch_size=batch_size)
+
+
+def make_cellot(data: StackData, seeds, **params) -> StackSolver:
+    solver = build_solver("cellot", data.n_maps, data.dim, params)
+    solver.initialize(data, seeds)
+    solver.optimizers = solver.build_optimizers()
+    return solver
+
+
+def map_slice(state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    return {name: tensor[k] for name, tensor in state.items()}
+
+
+def assert_same_map(state_a, k_a: int, state_b, k_b: int, atol: float) -> None:
+    """Every parameter and buffer of map k_a in state_a equals map k_b in state_b (within atol)."""
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        torch.testing.assert_close(state_a[name][k_a], state_b[name][k_b], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def adam_moments(solver: StackSolver) -> dict[str, torch.Tensor]:
+    """Adam's first/second moments of every parameter, keyed like the state dict (map axis first)."""
+    out = {}
+    names = {id(p): n for n, p in solver.named_parameters()}
+    for opt in solver.optimizers.values():
+        for p, state in opt.state.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[f"{names[id(p)]}.{key}"] = state[key]
+    return out
+
+
+def l2_uvp(solver: StackSolver, x: torch.Tensor, true_a: torch.Tensor, true_b: torch.Tensor, cov_t: torch.Tensor) -> torch.Tensor:
+    """Per-map L2-UVP = 100 * mean ||T_hat(x) - T*(x)||^2 / tr Cov(target), T*(x) = x A + b."""
+    true = torch.baddbmm(true_b.unsqueeze(1), x, true_a)
+    moved = solver.transport(x).cells
+    return 100 * ((moved - true) ** 2).sum(-1).mean(1) / torch.diagonal(cov_t, dim1=-2, dim2=-1).sum(-1)
+
+
+# -- stacking ----------------------------------------------------------------------------------------
+
+
+STACK_NAMES = ["drug_a", "drug_b", "drug_c", "drug_d"]
+
+
+def stack_run(arrays, maps: list[int], init: str, steps: int = 50):
+    """Train maps `maps` of `arrays` as one stack with train_stack (no evaluation inside the run)."""
+    seeds = [map_seed(0, STACK_NAMES[k]) for k in maps]
+    data = make_data(select(arrays, maps), seeds)
+    solver = make_cellot(data, seeds, init=init)
+    live: dict[int, dict] = {}  # the live (not best) state at each evaluation
+    config = TrainConfig(steps=steps, eval_every=NEVER, checkpoint_every=NEVER)
+    outcome = train_stack(solver, data, config, on_eval=lambda step, row: live.__setitem__(step, solver.snapshot()))
+    return solver, {**live[steps], **adam_moments(solver)}, outcome
+
+
+@pytest.mark.parametrize("init", ["gaussian", "uniform"])
+def test_stack_is_independent_of_the_other_maps(init):
+    """A map trained for 50 steps ends bit for bit the same whatever map (data, cell count, seed)
+    shares its stack: parameters, buffers, Adam moments, best state, best step.
+
+    Compared at the same stack size and position: across sizes or positions the CPU matmul
+    kernels round differently (see test_stack_step_equals_one_at_a_time).
+    """
+    arrays = toy_maps(4, 5)
+    a, a_live, a_out = stack_run(arrays, [0, 1, 2], init)
+    b, b_live, b_out = stack_run(arrays, [0, 3, 2], init)
+    for k in (0, 2):
+        assert_same_map(a_live, k, b_live, k, atol=0)
+        assert_same_map(a.snapshot(), k, b.snapshot(), k, atol=0)
+        assert a_out.best_step[k] == b_out.best_step[k]
+        assert a_out.best_mmd[k] == pytest.approx(b_out.best_mmd[k], rel=1e-5)
+    # the runs did train: the live state moved away from the initial one
+    seeds = [map_seed(0, STACK_NAMES[k]) for k in (0, 1, 2)]
+    start = make_cellot(make_data(select(arrays, [0, 1, 2]), seeds), seeds, init=init).snapshot()
+    assert max((a_live[n] - start[n]).abs().max().item() for n in start) > 1e-3
+
+
+def sync_map(stack: StackSolver, k: int, alone: StackSolver) -> None:
+    """Copy map k of the stack (parameters, buffers, Adam state) into the K=1 solver `alone`."""
+    alone.load_state_dict({name: t[k : k + 1] for name, t in stack.state_dict().items()})
+    for name, opt in stack.optimizers.items():
+        opt_alone = alone.optimizers[name]
+        for p, p_alone in zip(opt.param_groups[0]["params"], opt_alone.param_groups[0]["params"]):
+            for key, value in opt.state.get(p, {}).items():
+                opt_alone.state[p_alone][key].copy_(value if key == "step" else value[k : k + 1])
+
+
+@pytest.mark.parametrize("init", ["gaussian", "uniform"])
+def test_stack_step_equals_one_at_a_time(init):
+    """K=3 maps stacked vs each map alone (K=1, same seed, same data), 50 outer steps: at every
+    step, from the same state, the stacked step and the single-map step give the same parameters,
+    buffers (within 1e-5) and Adam moments (rtol 1e-4: they reach 1e3, compared to the ulp).
+
+    Why per step and not two free runs: torch's CPU bmm rounds a map differently with K=1 (e.g.
+    [K,b,64] @ [K,64,1] takes a gemv path) or at another stack position (the weight-gradient bmm
+    with a transposed operand), and CellOT training amplifies such a 1e-9 difference to 1e-4..1e-2
+    within 50 steps (Adam divides by tiny second moments; the g penalty
+    ||relu(-W)||_F has a unit gradient as soon as one weight crosses 0), in float64 as well for the
+    uniform init. Independence of the other maps is exact (test_stack_is_independent_of_the_other_maps).
+    """
+    arrays = toy_maps(3, 5)
+    seeds = [map_seed(0, name) for name in STACK_NAMES[:3]]
+    data = make_data(arrays, seeds)
+    stack = make_cellot(data, seeds, init=init)
+    alone = []
+    for k in range(3):
+        data_k = make_data(select(arrays, [k]), [seeds[k]])
+        alone.append((data_k, make_cellot(data_k, [seeds[k]], init=init)))
+    start = stack.snapshot()
+    for k, (_, solver) in enumerate(alone):  # the per-map init does not depend on the stack
+        assert_same_map(start, k, solver.snapshot(), 0, atol=0)
+    for step in range(50):
+        for k, (data_k, solver) in enumerate(alone):
+            sync_map(stack, k, solver)
+            solver.train_step(data_k, step)
+        stack.train_step(data, step)
+        stacked_state, stacked_adam = stack.snapshot(), adam_moments(stack)
+        for k, (data_k, solver) in enumerate(alone):
+            assert data_k.draws == data.draws
+            assert_same_map(stacked_state, k, solver.snapshot(), 0, atol=1e-5)
+            alone_adam = adam_moments(solver)
+            for name, value in stacked_adam.items():
+                torch.testing.assert_close(value[k], alone_adam[name][0], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert max((stacked_state[n] - start[n]).abs().max().item() for n in start) > 1e-3
+
+
+def test_sampler_draws_are_per_map():
+    """source/target draws of a map depend on its seed and cells only, and lie in its own cells."""
+    arrays = toy_maps(3, 4, sizes=(40, 90, 65))
+    # shift map k's cells by 100 k so that membership in the right map is unambiguous
+    arrays = tuple([a + 100.0 * k for k, a in enumerate(pop)] for pop in arrays)
+    seeds = [map_seed(1, f"m{k}") for k in range(3)]
+    stack = make_data(arrays, seeds, batch_size=128)
+    alone = [make_data(select(arrays, [k]), [seeds[k]], batch_size=128) for k in range(3)]
+    seen = [set() for _ in range(3)]
+    previous = None
+    for draw in range(30):
+        kind = "source_batch" if draw % 3 else "target_batch"
+        batch = getattr(stack, kind)()
+        assert batch.shape == (3, 128, 4)
+        for k in range(3):
+            torch.testing.assert_close(batch[k], getattr(alone[k], kind)()[0], rtol=0, atol=0)
+            cells = (stack.source if kind == "source_batch" else stack.target).of_map(k)
+            match = (batch[k].unsqueeze(1) == cells.unsqueeze(0)).all(-1)  # [b, n_k]
+            assert bool(match.any(1).all()), f"map {k} drew a cell that is not its own"
+            if kind == "source_batch":
+                seen[k] |= set(match.float().argmax(1).tolist())
+        if previous is not None and kind == "source_batch" and previous.shape == batch.shape:
+            assert not torch.equal(previous, batch), "the draw counter did not advance"
+        previous = batch if kind == "source_batch" else previous
+    # uniform with replacement over the map's own cells: 20 x 128 draws hit every one of 40..90 cells
+    assert [len(s) for s in seen] == [40, 90, 65]
+    # same data, different seeds -> different draws
+    twin = make_data(select(arrays, [0, 0]), [seeds[0], seeds[1]], batch_size=128).source_batch()
+    assert not torch.equal(twin[0], twin[1])
+    assert stack.draws == alone[0].draws == 30
+
+
+# -- convexity ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init", ["gaussian", "uniform"])
+def test_f_stays_convex(init):
+    """After 100 steps (lr 1e-3 so that the clamp is active) f is midpoint convex and its W >= 0."""
+    arrays = toy_maps(2, 6)
+    seeds = [map_seed(0, "x"), map_seed(0, "y")]
+    data = make_data(arrays, seeds)
+    solver = make_cellot(data, seeds, init=init, lr=1e-3)
+    for step in range(100):
+        solver.train_step(data, step)
+    for layer in solver.f.hidden_layers:
+        assert bool((layer.weight >= 0).all())
+    f = copy.deepcopy(solver.f).double()  # float64 so that rounding does not blur the inequality
+    gen = torch.Generator().manual_seed(0)
+    scale = data.source.cells.abs().max().item()
+    a = (torch.rand(2, 1000, 6, generator=gen, dtype=torch.float64) * 2 - 1) * 1.5 * scale
+    b = (torch.rand(2, 1000, 6, generator=gen, dtype=torch.float64) * 2 - 1) * 1.5 * scale
+    with torch.no_grad():
+        gap = (f(a) + f(b)) / 2 - f((a + b) / 2)
+    assert gap.min().item() >= -1e-5, f"midpoint convexity violated by {-gap.min().item():.3g}"
+
+
+# -- Gaussian ground truth ---------------------------------------------------------------------------
+
+
+def gaussian_problem(n_maps: int, dim: int = 8, n_train: int = 4000, n_valid: int = 500, seed: int = 3):
+    """K Gaussian -> Gaussian maps (eigenvalues of the covariances in [0.5, 2], different means).
+
+    Returns the StackData (batch 256, the published batch), the seeds, the true map (A, b) from
+    bures_map of the TRUE parameters, the true target covariances and 2000 fresh source cells per map.
+    """
+    rng = np.random.default_rng(seed)
+    arrays: tuple[list, list, list, list] = ([], [], [], [])
+    means_s, covs_s, means_t, covs_t, fresh = [], [], [], [], []
+    for _ in range(n_maps):
+        m_s, m_t = rng.normal(size=dim), rng.normal(size=dim)
+        c_s, c_t = random_spd(rng, dim), random_spd(rng, dim)
+        for i, (m, c, n) in enumerate(((m_s, c_s, n_train), (m_t, c_t, n_train), (m_s, c_s, n_valid), (m_t, c_t, n_valid))):
+            arrays[i].append(gaussian_cells(rng, m, c, n))
+        fresh.append(gaussian_cells(rng, m_s, c_s, 2000))
+        means_s.append(m_s), covs_s.append(c_s), means_t.append(m_t), covs_t.append(c_t)
+    as64 = lambda xs: torch.tensor(np.stack(xs), dtype=torch.float64)  # noqa: E731
+    true_a, true_b = bures_map(as64(means_s), as64(covs_s), as64(means_t), as64(covs_t))
+    seeds = [map_seed(7, f"gauss{k}") for k in range(n_maps)]
+    data = StackData(*arrays, seeds=seeds, batch_size=256)
+    return data, seeds, true_a.float(), true_b.float(), as64(covs_t).float(), torch.from_numpy(np.stack(fresh))
+
+
+def test_bures_map_is_the_closed_form():
+    """bures_map pushes N(m_s, S) onto N(m_t, T): A S A = T, A symmetric PD, b = m_t - m_s A."""
+    rng = np.random.default_rng(0)
+    s, t = (torch.tensor(random_spd(rng, 8), dtype=torch.float64) for _ in range(2))
+    m_s, m_t = torch.tensor(rng.normal(size=8)), torch.tensor(rng.normal(size=8))
+    a, b = bures_map(m_s, s, m_t, t)
+    torch.testing.assert_close(a @ s @ a, t, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(a, a.T)
+    assert torch.linalg.eigvalsh(a).min() > 0
+    torch.testing.assert_close(m_s @ a + b, m_t)
+
+
+def test_gaussian_init_cellot_recovers_bures_map():
+    """Gaussian-init CellOT starts below 1% L2-UVP and is still below 1% after 300 outer steps."""
+    data, seeds, true_a, true_b, cov_t, fresh = gaussian_problem(2)
+    solver = make_cellot(data, seeds, init="gaussian")
+    start = l2_uvp(solver, fresh, true_a, true_b, cov_t)
+    assert bool((start < 1.0).all()), start
+    for step in range(300):
+        solver.train_step(data, step)
+    end = l2_uvp(solver, fresh, true_a, true_b, cov_t)
+    assert bool((end < 1.0).all()), end
+
+
+def _identity_init_run(steps: int) -> tuple[float, float]:
+    data, seeds, true_a, true_b, cov_t, fresh = gaussian_problem(1)
+    solver = make_cellot(data, seeds, init="identity")
+    start = l2_uvp(solver, fresh, true_a, true_b, cov_t).item()
+    for step in range(steps):
+        solver.train_step(data, step)
+    return start, l2_uvp(solver, fresh, true_a, true_b, cov_t).item()
+
+
+def test_identity_init_cellot_500_steps_cuts_l2_uvp_fivefold():
+    """Identity-init CellOT (published lr 1e-4): after 500 outer steps L2-UVP < start / 5 (start ~200%)."""
+    start, end = _identity_init_run(500)
+    assert start > 50.0  # the identity is far from the true map
+    assert end < start / 5, (start, end)
+
+
+@pytest.mark.slow
+def test_identity_init_cellot_2000_steps_below_3_percent():
+    """Identity-init CellOT at d=8 with the published lr needs ~2000 outer steps to reach L2-UVP < 3%."""
+    start, end = _identity_init_run(2000)
+    assert end < 3.0, (start, end)
+
+
+# -- divergence --------------------------------------------------------------------------------------
+
+
+def test_diverged_map_is_frozen_at_best_and_others_unaffected():
+    """Map 1's g turns NaN after step 20: it is marked diverged and restored; maps 0 and 2 carry on."""
+    arrays = toy_maps(3, 5)
+    seeds = [map_seed(2, f"m{k}") for k in range(3)]
+    config = TrainConfig(steps=40, eval_every=10, checkpoint_every=NEVER)
+
+    def run(corrupt: bool) -> tuple[StackSolver, StackOutcome, dict]:
+        data = make_data(arrays, seeds)
+        solver = make_cellot(data, seeds)
+        if corrupt:
+            train_step = solver.train_step
+
+            def corrupted(data_, step):
+                logs = train_step(data_, step)
+                if step == 20:  # the 21st step; its loss is finite, step 21's is NaN
+                    with torch.no_grad():
+                        for p in solver.g.parameters():
+                            p[1] = float("nan")
+                return logs
+
+            solver.train_step = corrupted
+        states: dict[int, dict] = {}
+        outcome = train_stack(solver, data, config, on_eval=lambda step, row: states.__setitem__(step, solver.snapshot()))
+        return solver, outcome, states
+
+    clean, clean_outcome, clean_states = run(False)
+    bad, bad_outcome, _ = run(True)
+    assert bad_outcome.diverged == [False, True, False]
+    assert clean_outcome.diverged == [False, False, False]
+    final = bad.snapshot()
+    assert all(bool(torch.isfinite(t[1]).all()) for t in final.values())
+    # map 1 is left at its best state from before the corruption (identical in both runs up to step 20)
+    best = bad_outcome.best_step[1]
+    assert best <= 20
+    assert_same_map(final, 1, clean_states[best], 1, atol=1e-6)
+    for k in (0, 2):
+        assert_same_map(final, k, clean.snapshot(), k, atol=1e-6)
+        assert bad_outcome.best_step[k] == clean_outcome.best_step[k]
+        assert bad_outcome.best_mmd[k] == pytest.approx(clean_outcome.best_mmd[k], rel=1e-6)
+
+
+# -- checkpoint / resume -----------------------------------------------------------------------------
+
+
+def test_checkpoint_resume_equals_straight_run(tmp_path: Path):
+    """40 straight steps == 20 steps + checkpoint + a fresh solver and StackData resumed to 40."""
+    arrays = toy_maps(2, 5)
+    seeds = [map_seed(4, "p"), map_seed(4, "q")]
+
+    def fresh() -> tuple[StackData, StackSolver]:
+        data = make_data(arrays, seeds)
+        return data, make_cellot(data, seeds)
+
+    data, straight = fresh()
+    straight_outcome = train_stack(straight, data, TrainConfig(steps=40, eval_every=10, checkpoint_every=NEVER))
+    path = tmp_path / "stack.pt"
+    data, first = fresh()
+    train_stack(first, data, TrainConfig(steps=20, eval_every=10, checkpoint_every=NEVER), checkpoint=path)
+    assert path.exists()
+    data, resumed = fresh()
+    outcome = train_stack(resumed, data, TrainConfig(steps=40, eval_every=10, checkpoint_every=NEVER), checkpoint=path)
+    assert data.draws == 40 * (1 + resumed.config.inner_steps + 1)
+    a, b = straight.snapshot(), resumed.snapshot()
+    for k in range(2):
+        assert_same_map(a, k, b, k, atol=1e-6)
+    assert_same_map(adam_moments(straight), 0, adam_moments(resumed), 0, atol=1e-6)
+    assert outcome.best_step == straight_outcome.best_step
+    assert outcome.best_mmd == pytest.approx(straight_outcome.best_mmd, rel=1e-6)
+    assert outcome.diverged == straight_outcome.diverged
+
+
+# -- baselines ---------------------------------------------------------------------------------------
+
+
+def make_baseline(name: str, data: StackData, seeds) -> StackSolver:
+    solver = build_solver(name, data.n_maps, data.dim)
+    solver.initialize(data, seeds)
+    return solver
+
+
+def test_baselines():
+    """identity returns x; mean_shift moves the mean exactly; gaussian reproduces the target
+    covariance; observed returns training target cells of the right map."""
+    data, seeds, _, _, cov_t, x = gaussian_problem(2, dim=6, n_train=20000, n_valid=100)
+
+    out = make_baseline("identity", data, seeds).transport(x).cells
+    assert torch.equal(out, x)
+
+    shift = make_baseline("mean_shift", data, seeds)
+    for k in range(2):
+        source, target = data.source.of_map(k), data.target.of_map(k)
+        moved = shift.transport(source.unsqueeze(0).expand(2, -1, -1)).cells[k]
+        torch.testing.assert_close(moved.double().mean(0), target.double().mean(0), rtol=0, atol=1e-4)
+        torch.testing.assert_close(moved - source, (moved - source)[:1].expand_as(source), rtol=0, atol=1e-5)
+
+    gauss = make_baseline("gaussian", data, seeds)
+    _, cov_s_fit, mean_t_fit, cov_t_fit = data.moments(0.0)
+    for k in range(2):
+        # the pushed-forward training controls have the target covariance (true and fitted) and mean
+        moved = gauss.transport(data.source.of_map(k).unsqueeze(0).expand(2, -1, -1)).cells[k].double()
+        torch.testing.assert_close(torch.cov(moved.T), cov_t[k].double(), rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(torch.cov(moved.T), cov_t_fit[k], rtol=5e-2, atol=1e-2)
+        torch.testing.assert_close(moved.mean(0), mean_t_fit[k], rtol=0, atol=1e-4)
+        a = gauss.matrix[k].double()  # A S A = T up to the 1e-2 ridge of the fit
+        torch.testing.assert_close(a @ cov_s_fit[k] @ a, cov_t_fit[k], rtol=0, atol=3e-2)
+
+    small = toy_maps(2, 4, sizes=(30, 45))
+    small_data = make_data(small, seeds)
+    observed = make_baseline("observed", small_data, seeds)
+    out = observed.transport(torch.zeros(2, 500, 4)).cells
+    for k in range(2):
+        cells = small_data.target.of_map(k)
+        match = (out[k].unsqueeze(1) == cells.unsqueeze(0)).all(-1)
+        assert bool(match.any(1).all())
+        assert int(match.any(0).sum()) == len(cells)  # 500 picks cover all 67 / 82 training cells
+
+    # baselines go through train_stack untouched (no steps, state unchanged)
+    before = gauss.snapshot()
+    outcome = train_stack(gauss, data, TrainConfig(steps=100))
+    assert outcome.steps == 0 and outcome.best_step == [0, 0]
+    assert_same_map(before, 0, gauss.snapshot(), 0, atol=0)
+
+
+# -- best state --------------------------------------------------------------------------------------
+
+
+def test_train_stack_leaves_best_validation_state():
+    """Each map ends at its lowest-validation-MMD state: best_mmd equals the MMD recomputed after
+    training, and best_step is the argmin of the evaluation history."""
+    arrays = toy_maps(3, 5)
+    seeds = [map_seed(5, f"m{k}") for k in range(3)]
+    data = make_data(arrays, seeds)
+    # a large lr makes the validation MMD go up and down, so the best is not always the last step
+    solver = make_cellot(data, seeds, init="identity", lr=3e-3)
+    outcome = train_stack(solver, data, TrainConfig(steps=60, eval_every=5, checkpoint_every=NEVER))
+    history = torch.tensor([row["mmd"] for row in outcome.history])  # [evals, K]
+    steps = [row["step"] for row in outcome.history]
+    assert steps == list(range(0, 61, 5))
+    with torch.enable_grad():
+        recomputed = validation_mmd(solver, data)
+    for k in range(3):
+        assert outcome.best_mmd[k] == pytest.approx(recomputed[k].item(), rel=1e-5, abs=1e-7)
+        assert outcome.best_mmd[k] == pytest.approx(history[:, k].min().item(), rel=1e-6)
+        assert outcome.best_step[k] == steps[int(history[:, k].argmin())]
+    assert math.isfinite(sum(outcome.best_mmd))

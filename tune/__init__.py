@@ -1,0 +1,1 @@
+"""Hyperparameter tuning with Ray Tune (search spaces, runner, leaderboards): arrives with its issue."""
