@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -55,7 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", type=int, nargs="+", default=[24, 50], help="feature dimensions d (default: 24 50)")
     p.add_argument("--stacks", type=int, nargs="+", default=[1, 8, 32, 128], help="stack sizes K (default: 1 8 32 128)")
-    p.add_argument("--steps", type=int, default=None, help="timed outer steps per repeat (default 4; --quick 2)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed outer steps per repeat, for the stack and for each single map alike "
+        "(default: max(3, ceil(32 / K)), so small stacks are timed over enough steps; --quick: 2)",
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed outer steps before timing (default 2; --quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, the median is reported (default 3; --quick 1)")
     p.add_argument("--subset", type=int, default=8, help="one-at-a-time: time at most this many maps, scale to K (default 8)")
@@ -71,10 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.dims = [24]
         if "--stacks" not in given:
             args.stacks = [1, 8]
-    defaults = {"steps": (3, 4), "warmup": (1, 2), "repeats": (3, 3), "reference_steps": (10, 25)}
+    defaults = {"warmup": (1, 2), "repeats": (3, 3), "reference_steps": (10, 25)}
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    if args.quick and args.steps is None:
+        args.steps = 2
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 
@@ -123,8 +132,13 @@ class Runner:
         return time.perf_counter() - started
 
 
+def steps_for(n_maps: int, args: argparse.Namespace) -> int:
+    return args.steps if args.steps is not None else max(3, math.ceil(32 / n_maps))
+
+
 def measure_pair(dim: int, n_maps: int, args: argparse.Namespace, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
     """Stacked vs one-at-a-time map-steps/s for K = n_maps at dimension dim."""
+    steps = steps_for(n_maps, args)
     pops = synthetic_maps(n_maps, dim, seed=dim * 1000 + n_maps)
     stacked = Runner(*build(pops, list(range(n_maps)), device, "m"), device)
     timed = list(range(min(n_maps, args.subset)))
@@ -134,13 +148,14 @@ def measure_pair(dim: int, n_maps: int, args: argparse.Namespace, device: torch.
         single.run(args.warmup)
     stacked_rates, single_rates = [], []
     for _ in range(args.repeats):  # side by side: alternate the two ways in every repeat
-        seconds = stacked.run(args.steps)
-        stacked_rates.append(n_maps * args.steps / seconds)
-        seconds = sum(single.run(args.steps) for single in singles) * n_maps / len(timed)
-        single_rates.append(n_maps * args.steps / seconds)
+        seconds = stacked.run(steps)
+        stacked_rates.append(n_maps * steps / seconds)
+        seconds = sum(single.run(steps) for single in singles) * n_maps / len(timed)
+        single_rates.append(n_maps * steps / seconds)
     row = {
         "dim": dim,
         "n_maps": n_maps,
+        "steps_per_repeat": steps,
         "stacked_map_steps_per_s": statistics.median(stacked_rates),
         "one_at_a_time_map_steps_per_s": statistics.median(single_rates),
         "one_at_a_time_maps_timed": len(timed),
@@ -191,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "train_cells_per_map": TRAIN_CELLS,
             "timed": "solver.train_step (on-device sampling + 10 g-steps + 1 f-step); no evaluation, checkpoints or loop bookkeeping",
             "warmup_steps": args.warmup,
-            "steps_per_repeat": args.steps,
+            "steps_per_repeat": args.steps if args.steps is not None else "max(3, ceil(32 / K)), per result row",
             "repeats": args.repeats,
             "statistic": "median over repeats",
             "one_at_a_time": f"K separate K=1 solvers, each the same number of outer steps; for K > {args.subset} the first "

@@ -25,7 +25,7 @@ class Progress:
 
     def __call__(self, done: int, total: int, stacks_done: int, stacks: int) -> None:
         now = time.perf_counter()
-        if now - self.last < 1.0 and done < total:
+        if now - self.last < (1.0 if sys.stderr.isatty() else 15.0) and done < total:
             return
         self.last = now
         elapsed = now - self.started
@@ -113,6 +113,8 @@ def _run(config: Any, out: Path | None, store: str | None) -> int:
     maps = result.maps()
     print(f"run {result.run_id}: {len(maps)} maps, "
           + ", ".join(f"{n} {s}" for s, n in maps["status"].value_counts().items()) + f" -> {run_dir}")
+    for row in maps[maps["error"].notna()].itertuples():
+        print(f"  {row.perturbation}: {row.status}: {row.error}", file=sys.stderr)
     _print_metrics(result.metrics(), "table")
     return 0 if maps["status"].isin(["trained", "diverged"]).all() else 1
 
@@ -205,9 +207,15 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from engine.bench import main as bench_main
+    """Run benchmarks/throughput.py (or benchmarks/workers.py with `bench workers ...`) from the checkout."""
+    import runpy
 
-    bench_main(rest)
+    name = "workers" if rest[:1] == ["workers"] else "throughput"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if not script.exists():
+        raise DataError(f"perturbot bench needs the project checkout ({script} is missing)")
+    sys.argv = [str(script)] + rest[1 if name == "workers" else 0 :]
+    runpy.run_path(str(script), run_name="__main__")
     return 0
 
 
@@ -245,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--raw", action="store_true", help="every row (training logs, validation), not the summary")
     p.set_defaults(func=cmd_metrics)
-    p = sub.add_parser("bench", help="throughput benchmark, stacked vs one-at-a-time (args: perturbot bench -- --help)",
-                       add_help=False)
+    p = sub.add_parser("bench", add_help=False,
+                       help="benchmarks: stacked vs one-at-a-time (`bench --help`), 1 vs 2 Ray workers (`bench workers`)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,10 +1,11 @@
 """The training core: stacked maps, on-device sampling, CellOT, baselines, the training loop.
 
 Mathematical properties with explicit tolerances (STYLE.md):
-- a stack of K maps trains exactly like K maps trained one at a time (same seeds, same draws);
+- a map trained in a stack does not depend on the other maps (bit for bit), and a stacked step equals
+  the step of each map trained alone (K=1, same seed, same draws) up to rounding;
 - each map's minibatches depend on its own seed and cells only;
 - f stays convex (midpoint convexity, hidden weights >= 0);
-- on Gaussian -> Gaussian data CellOT recovers the closed-form Bures map (L2-UVP, SOLVERS.md);
+- on Gaussian -> Gaussian data CellOT approaches the closed-form Bures map (L2-UVP, SOLVERS.md);
 - a diverging map is frozen at its best state and leaves the others untouched;
 - a checkpointed, resumed run equals a straight one;
 - the baselines do what their formulas say; train_stack leaves each map at its best-MMD state.
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.metrics.distances import l2_uvp as metric_l2_uvp
 from engine.ot.gaussian import bures_map
 from engine.solvers import build_solver
 from engine.solvers.base import StackSolver
@@ -83,10 +85,6 @@ def make_cellot(data: StackData, seeds, **params) -> StackSolver:
     return solver
 
 
-def map_slice(state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    return {name: tensor[k] for name, tensor in state.items()}
-
-
 def assert_same_map(state_a, k_a: int, state_b, k_b: int, atol: float) -> None:
     """Every parameter and buffer of map k_a in state_a equals map k_b in state_b (within atol)."""
     assert state_a.keys() == state_b.keys()
@@ -109,7 +107,8 @@ def l2_uvp(solver: StackSolver, x: torch.Tensor, true_a: torch.Tensor, true_b: t
     """Per-map L2-UVP = 100 * mean ||T_hat(x) - T*(x)||^2 / tr Cov(target), T*(x) = x A + b."""
     true = torch.baddbmm(true_b.unsqueeze(1), x, true_a)
     moved = solver.transport(x).cells
-    return 100 * ((moved - true) ** 2).sum(-1).mean(1) / torch.diagonal(cov_t, dim1=-2, dim2=-1).sum(-1)
+    trace = torch.diagonal(cov_t, dim1=-2, dim2=-1).sum(-1)
+    return torch.tensor([metric_l2_uvp(moved[k], true[k], float(trace[k])) for k in range(len(x))])
 
 
 # -- stacking ----------------------------------------------------------------------------------------
@@ -119,7 +118,7 @@ STACK_NAMES = ["drug_a", "drug_b", "drug_c", "drug_d"]
 
 
 def stack_run(arrays, maps: list[int], init: str, steps: int = 50):
-    """Train maps `maps` of `arrays` as one stack with train_stack (no evaluation inside the run)."""
+    """Train maps `maps` of `arrays` as one stack with train_stack (evaluated at step 0 and the end only)."""
     seeds = [map_seed(0, STACK_NAMES[k]) for k in maps]
     data = make_data(select(arrays, maps), seeds)
     solver = make_cellot(data, seeds, init=init)
@@ -259,8 +258,12 @@ def test_f_stays_convex(init):
 # -- Gaussian ground truth ---------------------------------------------------------------------------
 
 
-def gaussian_problem(n_maps: int, dim: int = 8, n_train: int = 4000, n_valid: int = 500, seed: int = 3):
-    """K Gaussian -> Gaussian maps (eigenvalues of the covariances in [0.5, 2], different means).
+def gaussian_problem(
+    n_maps: int, dim: int = 8, n_train: int = 4000, n_valid: int = 500, seed: int = 3, expanding: bool = False
+):
+    """K Gaussian -> Gaussian maps: N(m_s, S) -> N(m_s + 4 u, T), u a random unit vector, S and T
+    random SPD with eigenvalues in [0.5, 2] (the identity then starts at L2-UVP ~160%). With
+    `expanding`, T = A S A for a random SPD A with eigenvalues in [1, 2] (the true map expands).
 
     Returns the StackData (batch 256, the published batch), the seeds, the true map (A, b) from
     bures_map of the TRUE parameters, the true target covariances and 2000 fresh source cells per map.
@@ -269,8 +272,14 @@ def gaussian_problem(n_maps: int, dim: int = 8, n_train: int = 4000, n_valid: in
     arrays: tuple[list, list, list, list] = ([], [], [], [])
     means_s, covs_s, means_t, covs_t, fresh = [], [], [], [], []
     for _ in range(n_maps):
-        m_s, m_t = rng.normal(size=dim), rng.normal(size=dim)
-        c_s, c_t = random_spd(rng, dim), random_spd(rng, dim)
+        m_s, u = rng.normal(size=dim), rng.normal(size=dim)
+        m_t = m_s + 4.0 * u / np.linalg.norm(u)
+        c_s = random_spd(rng, dim)
+        if expanding:
+            a = random_spd(rng, dim, 1.0, 2.0)
+            c_t = a @ c_s @ a
+        else:
+            c_t = random_spd(rng, dim)
         for i, (m, c, n) in enumerate(((m_s, c_s, n_train), (m_t, c_t, n_train), (m_s, c_s, n_valid), (m_t, c_t, n_valid))):
             arrays[i].append(gaussian_cells(rng, m, c, n))
         fresh.append(gaussian_cells(rng, m_s, c_s, 2000))
@@ -296,19 +305,15 @@ def test_bures_map_is_the_closed_form():
 
 def test_gaussian_init_cellot_recovers_bures_map():
     """Gaussian-init CellOT starts below 1% L2-UVP and is still below 1% after 300 outer steps."""
-    data, seeds, true_a, true_b, cov_t, fresh = gaussian_problem(2)
-    solver = make_cellot(data, seeds, init="gaussian")
-    start = l2_uvp(solver, fresh, true_a, true_b, cov_t)
-    assert bool((start < 1.0).all()), start
-    for step in range(300):
-        solver.train_step(data, step)
-    end = l2_uvp(solver, fresh, true_a, true_b, cov_t)
-    assert bool((end < 1.0).all()), end
+    start, end = cellot_l2_uvp("gaussian", 300)
+    assert start < 1.0, start
+    assert end < 1.0, (start, end)
 
 
-def _identity_init_run(steps: int) -> tuple[float, float]:
-    data, seeds, true_a, true_b, cov_t, fresh = gaussian_problem(1)
-    solver = make_cellot(data, seeds, init="identity")
+def cellot_l2_uvp(init: str, steps: int, expanding: bool = False) -> tuple[float, float]:
+    """L2-UVP (%) of one CellOT map before and after `steps` outer steps (published defaults)."""
+    data, seeds, true_a, true_b, cov_t, fresh = gaussian_problem(1, expanding=expanding)
+    solver = make_cellot(data, seeds, init=init)
     start = l2_uvp(solver, fresh, true_a, true_b, cov_t).item()
     for step in range(steps):
         solver.train_step(data, step)
@@ -316,16 +321,30 @@ def _identity_init_run(steps: int) -> tuple[float, float]:
 
 
 def test_identity_init_cellot_500_steps_cuts_l2_uvp_fivefold():
-    """Identity-init CellOT (published lr 1e-4): after 500 outer steps L2-UVP < start / 5 (start ~200%)."""
-    start, end = _identity_init_run(500)
-    assert start > 50.0  # the identity is far from the true map
+    """Identity-init CellOT (published lr 1e-4): after 500 outer steps L2-UVP < start / 5
+    (measured here: 160% -> 22..25% over four sampler seeds)."""
+    start, end = cellot_l2_uvp("identity", 500)
+    assert start > 100.0  # the identity is far from the true map
     assert end < start / 5, (start, end)
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="core: the identity start is a frozen 0.5|x|^2 added to a convex ICNN, so T = x + grad h with h "
+    "convex has Jacobian >= I and cannot contract; this true map has eigenvalues 0.67..1.58 and the best "
+    "map with Jacobian >= I is at L2-UVP ~3.6% (measured 4.2-5.3% at 1500-2000 steps)",
+)
 def test_identity_init_cellot_2000_steps_below_3_percent():
-    """Identity-init CellOT at d=8 with the published lr needs ~2000 outer steps to reach L2-UVP < 3%."""
-    start, end = _identity_init_run(2000)
+    """Identity-init CellOT at d=8 with the published lr reaches L2-UVP < 3% in 2000 outer steps."""
+    start, end = cellot_l2_uvp("identity", 2000)
+    assert end < 3.0, (start, end)
+
+
+@pytest.mark.slow
+def test_identity_init_cellot_2000_steps_below_3_percent_expanding_map():
+    """As above on a map with Jacobian >= I (eigenvalues in [1, 2]), which the identity start can reach."""
+    start, end = cellot_l2_uvp("identity", 2000, expanding=True)
     assert end < 3.0, (start, end)
 
 

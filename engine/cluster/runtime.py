@@ -14,6 +14,7 @@ def connect(address: str = "local", num_cpus: int | None = None) -> None:
     if address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # worker logs stay in the Ray session dir; failures reach the user through the store (maps.error)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=address)

@@ -48,7 +48,8 @@ def _scores(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | No
         if sinkhorn:
             n = SINKHORN_MAX_CELLS
             scores[f"sinkhorn_div_eps{SINKHORN_EPS:g}"] = sinkhorn_divergence(pred[:n].numpy(), target[:n].numpy(), SINKHORN_EPS)
-        scores["knn_enrich50"] = float(knn_enrichment(pred, target, 50))
+        n = min(len(pred), len(target))  # equal sizes, so that 0.5 means perfectly mixed
+        scores["knn_enrich50"] = float(knn_enrichment(pred[:n], target[:n], 50))
         if weights is not None:
             scores["mmd_weighted"] = float(mmd(pred, target, MMD_GAMMAS, weights))
     return scores
@@ -78,7 +79,7 @@ def evaluate_map(
         cells = np.asarray(cells, np.float32)
         if features is not None:
             cells = cells[:, features]
-        keep = np.sort(rng.permutation(len(cells))[:max_cells])
+        keep = rng.permutation(len(cells))[:max_cells]  # random order: any prefix is a random subsample
         w = None if weights is None else torch.from_numpy(np.asarray(weights, np.float32)[keep])
         return torch.from_numpy(np.ascontiguousarray(cells[keep])), w
 

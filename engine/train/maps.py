@@ -173,6 +173,8 @@ def _train_one_stack(
         solver, data, config.train,
         checkpoint=run_dir / "checkpoints" / f"{stack}.train.pt", on_eval=on_eval, on_progress=on_progress,
     )
+    reporter.metrics([{"run_id": run_id, "perturbation": k.name, "split": "train", "metric": "train_seconds",
+                       "value": outcome.seconds, "step": outcome.steps} for k in keys])
     path = maps_file(run_dir, stack)
     save_maps(path, solver, keys, config)
     _evaluate_and_predict(prepared, keys, solver, stack, config, run_dir, reporter, device, run_id, outcome.steps)

@@ -1,0 +1,85 @@
+"""The CLI: every malformed input is one clear line and exit code 2; the demo and metrics work."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.cli import main
+from engine.data import make_synthetic
+
+
+@pytest.fixture(scope="module")
+def h5ad(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "cells.h5ad"
+    make_synthetic(n_perturbations=2, n_groups=2, dim=5, n_cells=120, seed=3).write_h5ad(path)
+    return path
+
+
+def _bad(tmp_path, adata_change):
+    adata = make_synthetic(n_perturbations=2, n_groups=2, dim=5, n_cells=120, seed=3)
+    adata = adata_change(adata) or adata
+    path = tmp_path / "bad.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def _nan(a):
+    a.X[3, 2] = np.nan
+
+
+def _dup(a):
+    a.var_names = ["f0", "f0"] + list(a.var_names[2:])
+
+
+def _tiny(a):
+    keep = ~((a.obs["condition"] == "pert1") & (a.obs["group"] == "g1"))
+    keep[np.where(~keep)[0][:5]] = True
+    return a[keep].copy()
+
+
+@pytest.mark.parametrize(
+    "case, make, args, needle",
+    [
+        ("unreadable file", lambda tmp, h: tmp / "missing.h5ad", [], "missing.h5ad"),
+        ("not an h5ad", lambda tmp, h: (tmp / "x.h5ad").write_text("nope") and tmp / "x.h5ad", [], "x.h5ad"),
+        ("missing condition key", lambda tmp, h: h, ["--condition-key", "drug"], "drug"),
+        ("control absent", lambda tmp, h: h, ["--control", "ctrl"], "ctrl"),
+        ("unknown perturbation", lambda tmp, h: h, ["--perturbations", "pert0,aspirin"], "aspirin"),
+        ("missing split key", lambda tmp, h: h, ["--split-by", "donor"], "donor"),
+        ("NaN values", lambda tmp, h: _bad(tmp, _nan), [], "finite"),
+        ("duplicate features", lambda tmp, h: _bad(tmp, _dup), [], "f0"),
+        ("group too small", lambda tmp, h: _bad(tmp, _tiny), ["--split-by", "group"], "g1"),
+        ("bad --set", lambda tmp, h: h, ["--set", "train.nonsense=3"], "nonsense"),
+        ("bad solver option", lambda tmp, h: h, ["--set", "solver.lr_typo=3"], "lr_typo"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(case, make, args, needle, h5ad, tmp_path, capsys):
+    path = make(tmp_path, h5ad)
+    base = {"--data": str(path), "--condition-key": "condition", "--control": "control"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["train", "--out", str(tmp_path / "run")] + [x for kv in base.items() for x in kv]
+    assert main(argv) == 2, case
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("perturbot: error:"), err
+    assert needle.lower() in err.lower(), err
+
+
+def test_demo_metrics_and_predict(ray_session, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "20", "--set", "train.eval_every=10"]) == 0
+    printed = capsys.readouterr().out
+    assert "8 maps" in printed and "identity" in printed
+    assert main(["metrics", "--run", str(out), "--format", "csv"]) == 0
+    csv = capsys.readouterr().out.splitlines()
+    assert csv[0] == "perturbation,metric,model,identity,observed" and len(csv) > 8
+    controls = tmp_path / "controls.h5ad"
+    import anndata as ad
+
+    full = ad.read_h5ad(out / "synthetic.h5ad")
+    full[full.obs["condition"] == "control"][:10].write_h5ad(controls)
+    assert main(["predict", "--run", str(out), "--data", str(controls), "--out", str(tmp_path / "p.h5ad"),
+                 "--perturbations", "g0/pert1"]) == 0
+    assert ad.read_h5ad(tmp_path / "p.h5ad").n_obs == 10
+    assert main(["predict", "--run", str(out), "--data", str(controls), "--out", str(tmp_path / "q.h5ad"),
+                 "--perturbations", "nope"]) == 2
