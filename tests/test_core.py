@@ -30,6 +30,7 @@ from engine.train.loop import StackOutcome, TrainConfig, train_stack, validation
 from engine.train.stack_data import StackData, map_seed
 
 NEVER = 10**9  # eval_every / checkpoint_every that never fires inside a test run
+FEW_INNER = 3  # g-steps per outer step where the property tested does not depend on it (speed)
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +118,7 @@ def l2_uvp(solver: StackSolver, x: torch.Tensor, true_a: torch.Tensor, true_b: t
 STACK_NAMES = ["drug_a", "drug_b", "drug_c", "drug_d"]
 
 
-def stack_run(arrays, maps: list[int], init: str, steps: int = 50):
+def stack_run(arrays, maps: list[int], init: str, steps: int = 30):
     """Train maps `maps` of `arrays` as one stack with train_stack (evaluated at step 0 and the end only)."""
     seeds = [map_seed(0, STACK_NAMES[k]) for k in maps]
     data = make_data(select(arrays, maps), seeds)
@@ -130,7 +131,7 @@ def stack_run(arrays, maps: list[int], init: str, steps: int = 50):
 
 @pytest.mark.parametrize("init", ["gaussian", "uniform"])
 def test_stack_is_independent_of_the_other_maps(init):
-    """A map trained for 50 steps ends bit for bit the same whatever map (data, cell count, seed)
+    """A map trained for 30 steps ends bit for bit the same whatever map (data, cell count, seed)
     shares its stack: parameters, buffers, Adam moments, best state, best step.
 
     Compared at the same stack size and position: across sizes or positions the CPU matmul
@@ -158,6 +159,33 @@ def sync_map(stack: StackSolver, k: int, alone: StackSolver) -> None:
         for p, p_alone in zip(opt.param_groups[0]["params"], opt_alone.param_groups[0]["params"]):
             for key, value in opt.state.get(p, {}).items():
                 opt_alone.state[p_alone][key].copy_(value if key == "step" else value[k : k + 1])
+
+
+@pytest.mark.parametrize("init", ["gaussian", "identity"])
+def test_stacked_training_equals_one_at_a_time_float64(init):
+    """The acceptance property: K=3 maps trained 50 outer steps as one stack end equal (1e-5) to each
+    map trained alone with the same seed and data: every parameter and buffer. In float64, so that
+    BLAS rounding (which differs between a K=1 and a K=3 bmm) is not amplified by the min-max; in
+    float32 free runs drift apart to ~1e-3, and with CellOT's uniform init also in float64 (its
+    large weights cross the clamp / penalty kinks), hence the per-step test below for those."""
+    arrays = toy_maps(3, 5)
+    seeds = [map_seed(0, name) for name in STACK_NAMES[:3]]
+
+    def train(maps: list[int]) -> dict[str, torch.Tensor]:
+        data = make_data(select(arrays, maps), [seeds[k] for k in maps])
+        for population in (data.source, data.target):
+            population.cells = population.cells.double()
+        solver = build_solver("cellot", len(maps), data.dim, {"init": init})
+        solver.initialize(data, [seeds[k] for k in maps])
+        solver.double()
+        solver.optimizers = solver.build_optimizers()
+        for step in range(50):
+            solver.train_step(data, step)
+        return solver.snapshot()
+
+    stacked = train([0, 1, 2])
+    for k in range(3):
+        assert_same_map(stacked, k, train([k]), 0, atol=1e-5)
 
 
 @pytest.mark.parametrize("init", ["gaussian", "uniform"])
@@ -236,15 +264,16 @@ def test_sampler_draws_are_per_map():
 
 @pytest.mark.parametrize("init", ["gaussian", "uniform"])
 def test_f_stays_convex(init):
-    """After 100 steps (lr 1e-3 so that the clamp is active) f is midpoint convex and its W >= 0."""
+    """After 100 outer steps (lr 1e-3 so that the clamp is active) f is midpoint convex and its W >= 0."""
     arrays = toy_maps(2, 6)
     seeds = [map_seed(0, "x"), map_seed(0, "y")]
     data = make_data(arrays, seeds)
-    solver = make_cellot(data, seeds, init=init, lr=1e-3)
+    solver = make_cellot(data, seeds, init=init, lr=1e-3, inner_steps=FEW_INNER)
     for step in range(100):
         solver.train_step(data, step)
     for layer in solver.f.hidden_layers:
         assert bool((layer.weight >= 0).all())
+    assert sum(int((layer.weight == 0).sum()) for layer in solver.f.hidden_layers) > 0  # the clamp was active
     f = copy.deepcopy(solver.f).double()  # float64 so that rounding does not blur the inequality
     gen = torch.Generator().manual_seed(0)
     scale = data.source.cells.abs().max().item()
@@ -259,11 +288,11 @@ def test_f_stays_convex(init):
 
 
 def gaussian_problem(
-    n_maps: int, dim: int = 8, n_train: int = 4000, n_valid: int = 500, seed: int = 3, expanding: bool = False
+    n_maps: int, dim: int = 8, n_train: int = 4000, n_valid: int = 500, seed: int = 3, contracting: bool = False
 ):
     """K Gaussian -> Gaussian maps: N(m_s, S) -> N(m_s + 4 u, T), u a random unit vector, S and T
     random SPD with eigenvalues in [0.5, 2] (the identity then starts at L2-UVP ~160%). With
-    `expanding`, T = A S A for a random SPD A with eigenvalues in [1, 2] (the true map expands).
+    `contracting`, T = A S A for a random SPD A with eigenvalues in [0.5, 1] (A is then the true map).
 
     Returns the StackData (batch 256, the published batch), the seeds, the true map (A, b) from
     bures_map of the TRUE parameters, the true target covariances and 2000 fresh source cells per map.
@@ -275,8 +304,8 @@ def gaussian_problem(
         m_s, u = rng.normal(size=dim), rng.normal(size=dim)
         m_t = m_s + 4.0 * u / np.linalg.norm(u)
         c_s = random_spd(rng, dim)
-        if expanding:
-            a = random_spd(rng, dim, 1.0, 2.0)
+        if contracting:
+            a = random_spd(rng, dim, 0.5, 1.0)
             c_t = a @ c_s @ a
         else:
             c_t = random_spd(rng, dim)
@@ -310,9 +339,9 @@ def test_gaussian_init_cellot_recovers_bures_map():
     assert end < 1.0, (start, end)
 
 
-def cellot_l2_uvp(init: str, steps: int, expanding: bool = False) -> tuple[float, float]:
+def cellot_l2_uvp(init: str, steps: int, contracting: bool = False) -> tuple[float, float]:
     """L2-UVP (%) of one CellOT map before and after `steps` outer steps (published defaults)."""
-    data, seeds, true_a, true_b, cov_t, fresh = gaussian_problem(1, expanding=expanding)
+    data, seeds, true_a, true_b, cov_t, fresh = gaussian_problem(1, contracting=contracting)
     solver = make_cellot(data, seeds, init=init)
     start = l2_uvp(solver, fresh, true_a, true_b, cov_t).item()
     for step in range(steps):
@@ -329,23 +358,32 @@ def test_identity_init_cellot_500_steps_cuts_l2_uvp_fivefold():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: the identity start is a frozen 0.5|x|^2 added to a convex ICNN, so T = x + grad h with h "
-    "convex has Jacobian >= I and cannot contract; this true map has eigenvalues 0.67..1.58 and the best "
-    "map with Jacobian >= I is at L2-UVP ~3.6% (measured 4.2-5.3% at 1500-2000 steps)",
-)
-def test_identity_init_cellot_2000_steps_below_3_percent():
-    """Identity-init CellOT at d=8 with the published lr reaches L2-UVP < 3% in 2000 outer steps."""
-    start, end = cellot_l2_uvp("identity", 2000)
+def test_identity_init_cellot_6000_steps_below_3_percent():
+    """Identity-init CellOT at d=8 with the published lr reaches L2-UVP < 3% in 6000 outer steps
+    (this problem: 160% at the start, 3.2% at 4000; a similar one: 2.96% at 3000, 1.1% at 4000)."""
+    start, end = cellot_l2_uvp("identity", 6000)
     assert end < 3.0, (start, end)
 
 
-@pytest.mark.slow
-def test_identity_init_cellot_2000_steps_below_3_percent_expanding_map():
-    """As above on a map with Jacobian >= I (eigenvalues in [1, 2]), which the identity start can reach."""
-    start, end = cellot_l2_uvp("identity", 2000, expanding=True)
-    assert end < 3.0, (start, end)
+def test_identity_init_cellot_learns_an_expanding_map():
+    """N(0, I) -> N(0, 4 I) in d=2 (T*(x) = 2x): identity-init CellOT quarters its L2-UVP in 500 steps.
+
+    The optimal f* = |x|^2 / 4 has Hessian I / 2, below the identity start 0.5|x|^2: reachable only
+    because the start's gate is trained (with a frozen start it stayed at 24.4% for 3000 steps;
+    with the gate, 0.1% at 500).
+    """
+    rng = np.random.default_rng(0)
+    source = rng.normal(size=(4000, 2)).astype(np.float32)
+    target = (2.0 * rng.normal(size=(4000, 2))).astype(np.float32)
+    seeds = [map_seed(0, "scale")]
+    data = StackData([source], [target], [source[:500]], [target[:500]], seeds=seeds, batch_size=256)
+    solver = make_cellot(data, seeds, init="identity")
+    x = torch.from_numpy(rng.normal(size=(1, 2000, 2)).astype(np.float32))
+    error = lambda: metric_l2_uvp(solver.transport(x).cells[0], 2 * x[0], 8.0)  # noqa: E731 (tr Cov = 2 * 4)
+    start = error()
+    for step in range(500):
+        solver.train_step(data, step)
+    assert error() < start / 4, (start, error())
 
 
 # -- divergence --------------------------------------------------------------------------------------
@@ -359,7 +397,7 @@ def test_diverged_map_is_frozen_at_best_and_others_unaffected():
 
     def run(corrupt: bool) -> tuple[StackSolver, StackOutcome, dict]:
         data = make_data(arrays, seeds)
-        solver = make_cellot(data, seeds)
+        solver = make_cellot(data, seeds, inner_steps=FEW_INNER)
         if corrupt:
             train_step = solver.train_step
 
@@ -402,7 +440,7 @@ def test_checkpoint_resume_equals_straight_run(tmp_path: Path):
 
     def fresh() -> tuple[StackData, StackSolver]:
         data = make_data(arrays, seeds)
-        return data, make_cellot(data, seeds)
+        return data, make_cellot(data, seeds, inner_steps=FEW_INNER)
 
     data, straight = fresh()
     straight_outcome = train_stack(straight, data, TrainConfig(steps=40, eval_every=10, checkpoint_every=NEVER))
@@ -484,7 +522,7 @@ def test_train_stack_leaves_best_validation_state():
     seeds = [map_seed(5, f"m{k}") for k in range(3)]
     data = make_data(arrays, seeds)
     # a large lr makes the validation MMD go up and down, so the best is not always the last step
-    solver = make_cellot(data, seeds, init="identity", lr=3e-3)
+    solver = make_cellot(data, seeds, init="identity", lr=3e-3, inner_steps=FEW_INNER)
     outcome = train_stack(solver, data, TrainConfig(steps=60, eval_every=5, checkpoint_every=NEVER))
     history = torch.tensor([row["mmd"] for row in outcome.history])  # [evals, K]
     steps = [row["step"] for row in outcome.history]
@@ -496,3 +534,4 @@ def test_train_stack_leaves_best_validation_state():
         assert outcome.best_mmd[k] == pytest.approx(history[:, k].min().item(), rel=1e-6)
         assert outcome.best_step[k] == steps[int(history[:, k].argmin())]
     assert math.isfinite(sum(outcome.best_mmd))
+    assert any(step != 60 for step in outcome.best_step)  # some map was restored to an earlier state

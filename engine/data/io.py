@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 
 import anndata as ad
@@ -18,7 +20,9 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     try:
-        return ad.read_h5ad(path)
+        with warnings.catch_warnings():  # old-format / duplicate-name notices: prepare() validates itself
+            warnings.simplefilter("ignore")
+            return ad.read_h5ad(path)
     except Exception as err:  # h5py, anndata and OS errors all mean "unreadable" here
         raise DataError(f"cannot read {path} as h5ad: {type(err).__name__}: {err}") from err
 

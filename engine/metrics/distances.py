@@ -24,9 +24,11 @@ MMD50_GAMMAS: tuple[float, ...] = tuple(float(g) for g in np.logspace(1, -3, 50)
 _MMD_BUFFER_BYTES = 1 << 30
 """Largest kernel buffer `mmd` allocates; above it the stack axis is processed in chunks."""
 
-_SCALING = 0.5  # eps-scaling factor per Sinkhorn iteration (geomloss default: blur scaling 0.5)
+# sinkhorn_divergence's schedule (measured on CyTOF, 1000 cells: within 2e-4 of the converged value)
+_SCALING = 0.75  # eps shrinks by this factor after each annealing step
+_STEP_ITERATIONS = 3  # Sinkhorn iterations per annealing step
 _BLOCK = 10  # Sinkhorn iterations between two checks of the dual value at the final eps
-_RTOL = 1e-4  # relative change of the dual value that stops the final iterations
+_RTOL = 1e-4  # relative change of the dual value that ends the final iterations
 _MAX_ITERATIONS = 2000
 
 
@@ -56,9 +58,7 @@ def _normalised(weights: Tensor | None, like: Tensor) -> Tensor:
     return weights / weights.sum(-1, keepdim=True)
 
 
-def _kernel_forms(
-    u: Tensor, v: Tensor, a: Tensor, b: Tensor, gammas: Tensor, out: Tensor
-) -> None:
+def _kernel_forms(u: Tensor, v: Tensor, a: Tensor, b: Tensor, gammas: Sequence[float], out: Tensor) -> None:
     """Add ``sum_g a^T exp(-gamma_g D) b`` to ``out [K]`` with ``D = squared_distances(u, v)``.
 
     ``D`` is computed once; one kernel buffer of D's shape is reused for every gamma.
@@ -66,7 +66,7 @@ def _kernel_forms(
     d2 = squared_distances(u, v)
     kernel = torch.empty_like(d2)
     for gamma in gammas:
-        torch.mul(d2, -gamma, out=kernel).exp_()
+        torch.mul(d2, -float(gamma), out=kernel).exp_()
         out.add_(torch.matmul(kernel, b.unsqueeze(-1)).squeeze(-1).mul_(a).sum(-1))
 
 
@@ -95,7 +95,6 @@ def mmd(
     b = _normalised(y_weights, y)
     if x.dim() == 2:
         return mmd(x[None], y[None], gammas, a[None], b[None])[0]
-    g = torch.as_tensor(gammas, dtype=x.dtype)
     n, m = x.shape[-2], y.shape[-2]
     per_map = max(n, m) ** 2 * x.element_size() * 2  # one distance matrix + its kernel buffer
     chunk = max(1, _MMD_BUFFER_BYTES // per_map)
@@ -105,10 +104,10 @@ def mmd(
         xx = torch.zeros_like(result[s])
         yy = torch.zeros_like(xx)
         xy = torch.zeros_like(xx)
-        _kernel_forms(x[s], x[s], a[s], a[s], g, xx)
-        _kernel_forms(y[s], y[s], b[s], b[s], g, yy)
-        _kernel_forms(x[s], y[s], a[s], b[s], g, xy)
-        result[s] = (xx + yy - 2.0 * xy) / len(g)
+        _kernel_forms(x[s], x[s], a[s], a[s], gammas, xx)
+        _kernel_forms(y[s], y[s], b[s], b[s], gammas, yy)
+        _kernel_forms(x[s], y[s], a[s], b[s], gammas, xy)
+        result[s] = (xx + yy - 2.0 * xy) / len(gammas)
     return result
 
 
@@ -152,15 +151,15 @@ def knn_enrichment(pred: Tensor, obs: Tensor, k: int = 50, chunk: int = 1024) ->
     """
     union = torch.cat([pred, obs])
     k = min(k, union.shape[0] - 1)
-    hits = torch.zeros((), dtype=torch.float64)
+    hits = 0
     for start in range(0, pred.shape[0], chunk):
         query = pred[start : start + chunk]
         d2 = squared_distances(query, union)
         rows = torch.arange(query.shape[0], device=d2.device)
         d2[rows, rows + start] = float("inf")
         neighbours = d2.topk(k, dim=-1, largest=False).indices
-        hits += (neighbours < pred.shape[0]).sum().double()
-    return hits / (pred.shape[0] * k)
+        hits += int((neighbours < pred.shape[0]).sum())
+    return torch.tensor(hits / (pred.shape[0] * k), dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -175,65 +174,47 @@ def cosine(displacement_hat: Tensor, displacement_star: Tensor) -> Tensor:
     return torch.nn.functional.cosine_similarity(displacement_hat, displacement_star, dim=-1).mean(-1)
 
 
-def sinkhorn_divergence(x: np.ndarray, y: np.ndarray, eps: float = 1.0) -> float:
-    """Entropic OT divergence S = OT_eps(x, y) - (OT_eps(x, x) + OT_eps(y, y)) / 2 via POT.
-
-    Cost c(u, v) = 0.5 ||u - v||^2, uniform weights, log-domain Sinkhorn; OT_eps is the transport cost
-    <P, C> of the entropic plan. CondOT used eps = 0.01 (geomloss blur 0.1) on normalised data; on raw
-    CyTOF / log-count scales that does not converge in 2000 iterations, so evaluation uses eps = 1
-    (NubOT's range, 1..5) and puts eps in the metric name.
-    """
-
-    def cost(u: np.ndarray, v: np.ndarray) -> float:
-        c = 0.5 * ot.dist(u, v, metric="sqeuclidean")
-        a, b = np.full(len(u), 1 / len(u)), np.full(len(v), 1 / len(v))
-        plan = ot.sinkhorn(a, b, c, eps, method="sinkhorn_log", numItermax=2000, stopThr=1e-6)
-        return float((plan * c).sum())
-
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    return cost(x, y) - 0.5 * (cost(x, x) + cost(y, y))
-
-
 def _entropic_ot(x: Tensor, y: Tensor, eps: float) -> float:
-    """Entropic OT value with eps-scaling over POT's log-domain Sinkhorn (see `sinkhorn_divergence`)."""
+    """``OT_eps(x, y)`` by eps-scaling over POT's log-domain Sinkhorn (see `sinkhorn_divergence`)."""
     cost = 0.5 * squared_distances(x, y)
-    a = torch.full((cost.shape[0],), 1.0 / cost.shape[0], dtype=cost.dtype)
-    b = torch.full((cost.shape[1],), 1.0 / cost.shape[1], dtype=cost.dtype)
-    log_u = torch.zeros_like(a)
-    log_v = torch.zeros_like(b)
+    a = torch.full((cost.shape[0],), 1.0 / cost.shape[0], dtype=cost.dtype, device=cost.device)
+    b = torch.full((cost.shape[1],), 1.0 / cost.shape[1], dtype=cost.dtype, device=cost.device)
+    log_u, log_v = torch.zeros_like(a), torch.zeros_like(b)  # POT's log scalings: f = eps log_u
     current = max(float(cost.max()), eps)
-    value = -math.inf
-    iterations = 0
+    value, iterations = -math.inf, 0
     while True:
         final = current <= eps
-        _, log = ot.sinkhorn(a, b, cost, current, method="sinkhorn_log", numItermax=_BLOCK if final else 1,
-                             stopThr=0.0, warmstart=(log_u, log_v), log=True, warn=False)
+        _, log = ot.sinkhorn(
+            a, b, cost, current, method="sinkhorn_log", numItermax=_BLOCK if final else _STEP_ITERATIONS,
+            stopThr=0.0, warmstart=(log_u, log_v), log=True, warn=False,
+        )
         log_u, log_v = log["log_u"], log["log_v"]
         iterations += log["niter"] + 1
-        if final:
-            previous = value
-            value = float(current * ((log_u - a.log()) @ a + (log_v - b.log()) @ b))
-            if abs(value - previous) <= _RTOL * (abs(value) + eps) or iterations >= _MAX_ITERATIONS:
-                return value
-        else:
-            target = max(current * _SCALING, eps)
-            log_u, log_v = log_u * (current / target), log_v * (current / target)
-            current = target
+        if not final:  # keep the potentials f, g fixed while eps shrinks
+            smaller = max(current * _SCALING, eps)
+            log_u, log_v = log_u * (current / smaller), log_v * (current / smaller)
+            current = smaller
+            continue
+        previous = value  # dual value <a, f> + <b, g> of the KL(P | a x b) problem, f = eps (log_u - log a)
+        value = float(eps * ((log_u - a.log()) @ a + (log_v - b.log()) @ b))
+        if abs(value - previous) <= _RTOL * (abs(value) + eps) or iterations >= _MAX_ITERATIONS:
+            return value
 
 
 def sinkhorn_divergence(x: np.ndarray | Tensor, y: np.ndarray | Tensor, eps: float = 0.01) -> float:
-    """Debiased Sinkhorn divergence ``S = OT_eps(x, y) - (OT_eps(x, x) + OT_eps(y, y)) / 2``.
+    """Debiased Sinkhorn divergence ``S = OT_eps(x, y) - (OT_eps(x, x) + OT_eps(y, y)) / 2`` (float).
 
-    ``OT_eps(x, y) = min_P <P, C> + eps KL(P | a x b)`` over couplings of the uniform weights ``a``, ``b``,
-    with cost ``C_ij = 0.5 ||x_i - y_j||^2`` (Feydy et al. 2019, geomloss's p=2 convention; CondOT's
-    blur 0.1 is eps = blur^2 = 0.01). Solved by POT's log-domain Sinkhorn (``method="sinkhorn_log"``)
-    with eps-scaling: eps starts at max C and shrinks by ``_SCALING`` per Sinkhorn iteration (the
-    potentials are carried as warm starts), then iterates at ``eps`` until the dual value
-    ``<a, f> + <b, g>`` changes by less than ``_RTOL`` relatively (at most ``_MAX_ITERATIONS``).
+    ``OT_eps(x, y) = min_P <P, C> + eps KL(P | a x b)`` over couplings P of uniform weights a, b, with
+    cost ``C_ij = 0.5 ||x_i - y_j||^2``: Feydy et al. 2019 and geomloss's p=2 convention, so CondOT's
+    blur 0.1 is eps = blur^2 = 0.01. ``S(x, x) = 0`` and a translation by t gives ``0.5 ||t||^2``.
+
+    Solver: POT's log-domain Sinkhorn (``ot.sinkhorn(method="sinkhorn_log")``, float32 torch backend)
+    with eps-scaling. Plain Sinkhorn at eps = 0.01 needs tens of thousands of iterations on CyTOF
+    scales (max C ~ 100), so eps starts at max C and shrinks by ``_SCALING`` every ``_STEP_ITERATIONS``
+    iterations, the potentials carried over as warm starts; at ``eps`` it iterates in blocks of
+    ``_BLOCK`` until the dual value ``<a, f> + <b, g>`` (a lower bound of OT_eps, exact at convergence)
+    changes by less than ``_RTOL (|value| + eps)``, at most ``_MAX_ITERATIONS`` iterations in all.
     """
-    x = torch.as_tensor(x, dtype=torch.float32)
-    y = torch.as_tensor(y, dtype=torch.float32)
-    xy = _entropic_ot(x, y, eps)
-    xx = _entropic_ot(x, x, eps)
-    yy = _entropic_ot(y, y, eps)
-    return xy - 0.5 * (xx + yy)
+    x = torch.as_tensor(x).float()
+    y = torch.as_tensor(y).float()
+    return _entropic_ot(x, y, eps) - 0.5 * (_entropic_ot(x, x, eps) + _entropic_ot(y, y, eps))

@@ -1,9 +1,11 @@
 """Evaluation of one map on held-out cells, beside the identity and observed baselines.
 
-Three populations are scored against the held-out perturbed cells (all in data space, on the map's
-marker features): `test` the model's prediction from held-out controls, `test_identity` the
-held-out controls themselves (no change), `test_observed` the training perturbed cells (the noise floor).
+Three populations are scored against the held-out perturbed cells (all in data space, optionally on
+the map's marker features), following CellOT (Bunne et al. 2023):
+``test`` the model's prediction from held-out controls, ``test_identity`` the held-out controls
+unchanged (the upper bound on error), ``test_observed`` the training perturbed cells (the noise floor).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -22,37 +24,68 @@ from engine.metrics.distances import (
     sinkhorn_divergence,
 )
 
-SINKHORN_MAX_CELLS = 500  # POT's log-domain Sinkhorn is slow: opt-in, on a subsample
-SINKHORN_EPS = 1.0  # NubOT range (1..5); eps 0.01 (CondOT, normalised data) does not converge on raw CyTOF scales
+SINKHORN_EPS = 0.01
 BOOTSTRAP_METRICS = ("mmd", "l2_means")
+BOOTSTRAP_SIZES = (100, 1500)
+"""CellOT's bootstrap: each repeat draws a subsample size uniformly in 100..1500 cells."""
 
 
 class MetricRow(NamedTuple):
+    """One metric of one evaluated population (``split``: test, test_identity or test_observed)."""
+
     split: str
     metric: str
     value: float
 
 
-def _scores(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, full: bool,
-            sinkhorn: bool = False) -> dict[str, float]:
-    r = float(r_means(pred, target))
+def _subsample(n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """Sorted indices of at most ``size`` of ``n`` rows, drawn without replacement (all when n <= size)."""
+    if n <= size:
+        return torch.arange(n)
+    return torch.from_numpy(np.sort(rng.choice(n, size, replace=False)))
+
+
+def _scores(
+    cells: torch.Tensor,
+    target: torch.Tensor,
+    cells_sample: torch.Tensor,
+    target_sample: torch.Tensor,
+    knn: bool,
+    sinkhorn: bool,
+) -> dict[str, float]:
+    """Every unweighted metric of ``cells`` against ``target``; the O(n^2) ones on the subsamples."""
+    r = float(r_means(cells, target))
     scores = {
-        "mmd": float(mmd(pred, target, MMD_GAMMAS)),
-        "l2_means": float(l2_means(pred, target)),
+        "mmd": float(mmd(cells_sample, target_sample, MMD_GAMMAS)),
+        "mmd50": float(mmd(cells_sample, target_sample, MMD50_GAMMAS)),
+        "l2_means": float(l2_means(cells, target)),
         "r_means": r,
         "r2_means": r * r,
+        "energy": float(energy_distance(cells_sample, target_sample)),
     }
-    if full:
-        scores["mmd50"] = float(mmd(pred, target, MMD50_GAMMAS))
-        scores["energy"] = float(energy_distance(pred, target))
-        if sinkhorn:
-            n = SINKHORN_MAX_CELLS
-            scores[f"sinkhorn_div_eps{SINKHORN_EPS:g}"] = sinkhorn_divergence(pred[:n].numpy(), target[:n].numpy(), SINKHORN_EPS)
-        n = min(len(pred), len(target))  # equal sizes, so that 0.5 means perfectly mixed
-        scores["knn_enrich50"] = float(knn_enrichment(pred[:n], target[:n], 50))
-        if weights is not None:
-            scores["mmd_weighted"] = float(mmd(pred, target, MMD_GAMMAS, weights))
+    if sinkhorn:
+        scores[f"sinkhorn_div_eps{SINKHORN_EPS:g}"] = sinkhorn_divergence(cells_sample, target_sample, SINKHORN_EPS)
+    if knn:
+        scores["knn_enrich50"] = float(knn_enrichment(cells_sample, target_sample, k=50))
     return scores
+
+
+def _bootstrap(
+    cells: torch.Tensor, target: torch.Tensor, repeats: int, rng: np.random.Generator
+) -> dict[str, float]:
+    """Mean and standard deviation (ddof 1) of mmd and l2_means over ``repeats`` random subsamples."""
+    values: dict[str, list[float]] = {name: [] for name in BOOTSTRAP_METRICS}
+    for _ in range(repeats):
+        size = int(rng.integers(BOOTSTRAP_SIZES[0], BOOTSTRAP_SIZES[1] + 1))
+        cells_sample = cells[_subsample(len(cells), size, rng)]
+        target_sample = target[_subsample(len(target), size, rng)]
+        values["mmd"].append(float(mmd(cells_sample, target_sample, MMD_GAMMAS)))
+        values["l2_means"].append(float(l2_means(cells_sample, target_sample)))
+    out = {}
+    for name, draws in values.items():
+        out[f"{name}_boot_mean"] = float(np.mean(draws))
+        out[f"{name}_boot_std"] = float(np.std(draws, ddof=1)) if repeats > 1 else 0.0
+    return out
 
 
 def evaluate_map(
@@ -65,46 +98,39 @@ def evaluate_map(
     pred_weights: np.ndarray | None = None,
     bootstrap: int = 0,
     seed: int = 0,
+    knn: bool = True,
+    sinkhorn: bool = True,
     max_cells: int = 2000,
-    sinkhorn: bool = False,
 ) -> list[MetricRow]:
-    """Every metric for the model and both baselines; each population capped at max_cells (seeded).
+    """Score a map's prediction and both baselines against the held-out perturbed cells.
 
-    bootstrap B > 0 adds `<metric>_boot_mean` / `_boot_std` of mmd and l2_means over B random
-    subsamples of 100..1500 cells (CellOT). sinkhorn adds the (slow) Sinkhorn divergence.
+    Inputs are float arrays ``[n_cells, n_features]`` in data space; ``features`` selects columns
+    (the map's markers). Per split: ``mmd`` (6 gammas), ``mmd50`` (50 gammas), ``l2_means``,
+    ``r_means`` (Pearson r of the mean vectors), ``r2_means`` (its square), ``energy``,
+    ``sinkhorn_div_eps0.01`` (when ``sinkhorn``), ``knn_enrich50`` (when ``knn``), and for ``test``
+    ``mmd_weighted`` when ``pred_weights`` are given (NubOT). The means use every cell; the O(n^2)
+    metrics use a seeded subsample of at most ``max_cells`` cells per population. ``bootstrap`` B > 0
+    adds ``<metric>_boot_mean`` / ``_boot_std`` for mmd and l2_means over B random subsamples
+    (CellOT). Deterministic for a given ``seed``.
     """
     rng = np.random.default_rng(seed)
 
-    def prepare(cells: np.ndarray, weights: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cells = np.asarray(cells, np.float32)
-        if features is not None:
-            cells = cells[:, features]
-        keep = rng.permutation(len(cells))[:max_cells]  # random order: any prefix is a random subsample
-        w = None if weights is None else torch.from_numpy(np.asarray(weights, np.float32)[keep])
-        return torch.from_numpy(np.ascontiguousarray(cells[keep])), w
+    def cells_of(array: np.ndarray) -> torch.Tensor:
+        array = np.asarray(array, dtype=np.float64)
+        return torch.from_numpy(array if features is None else array[:, features])
 
-    target, _ = prepare(target_test)
-    populations = {
-        "test": prepare(pred, pred_weights),
-        "test_identity": prepare(source_test),
-        "test_observed": prepare(target_train),
-    }
-    rows = []
-    for split, (cells, weights) in populations.items():
-        rows += [MetricRow(split, name, value) for name, value in _scores(cells, target, weights, full=True, sinkhorn=sinkhorn).items()]
-        for name, values in _bootstrap(cells, target, bootstrap, rng).items():
-            rows += [MetricRow(split, f"{name}_boot_mean", float(np.mean(values))),
-                     MetricRow(split, f"{name}_boot_std", float(np.std(values)))]
+    target = cells_of(target_test)
+    target_sample = target[_subsample(len(target), max_cells, rng)]
+    populations = {"test": cells_of(pred), "test_identity": cells_of(source_test), "test_observed": cells_of(target_train)}
+    rows: list[MetricRow] = []
+    for split, cells in populations.items():
+        keep = _subsample(len(cells), max_cells, rng)
+        cells_sample = cells[keep]
+        scores = _scores(cells, target, cells_sample, target_sample, knn, sinkhorn)
+        if split == "test" and pred_weights is not None:
+            weights = torch.from_numpy(np.asarray(pred_weights, dtype=np.float64))[keep]
+            scores["mmd_weighted"] = float(mmd(cells_sample, target_sample, MMD_GAMMAS, x_weights=weights))
+        if bootstrap > 0:
+            scores.update(_bootstrap(cells, target, bootstrap, rng))
+        rows += [MetricRow(split, name, value) for name, value in scores.items()]
     return rows
-
-
-def _bootstrap(cells: torch.Tensor, target: torch.Tensor, repeats: int, rng: np.random.Generator) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {name: [] for name in BOOTSTRAP_METRICS} if repeats else {}
-    for _ in range(repeats):
-        size = int(rng.integers(100, 1501))
-        a = torch.from_numpy(rng.choice(len(cells), min(size, len(cells)), replace=False))
-        b = torch.from_numpy(rng.choice(len(target), min(size, len(target)), replace=False))
-        scores = _scores(cells[a], target[b], None, full=False)
-        for name in BOOTSTRAP_METRICS:
-            out[name].append(scores[name])
-    return out

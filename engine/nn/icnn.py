@@ -41,7 +41,7 @@ class StackedICNN(nn.Module):
         self.hidden_layers = nn.ModuleList(
             StackedLinear(n_maps, w_in, w_out, bias=False) for w_in, w_out in zip(widths[:-1], widths[1:])
         )
-        self.quadratic = StackedQuadratic(n_maps, dim) if quadratic else None
+        self.quadratic = StackedQuadratic(n_maps, dim, widths[0]) if quadratic else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inputs = self.input_layer(x).split(self.widths, dim=-1)
@@ -83,10 +83,15 @@ class StackedICNN(nn.Module):
 
     @torch.no_grad()
     def clamp_hidden_weights(self) -> None:
-        """Project onto the convex set: W_i <- max(W_i, 0) (applied to f after each of its steps)."""
-        for layer in self.hidden_layers:
-            layer.weight.clamp_(min=0)
+        """Project onto the convex set: W_i, gate <- max(., 0) (applied to f after each of its steps)."""
+        for weight in self._hidden_path():
+            weight.clamp_(min=0)
 
     def negative_weight_penalty(self) -> torch.Tensor:
         """Per-map sum_i ||relu(-W_i)||_F (not squared), shape [K] (CellOT's penalty on g)."""
-        return sum(F.relu(-layer.weight).flatten(1).norm(dim=1) for layer in self.hidden_layers)
+        return sum(F.relu(-weight).flatten(1).norm(dim=1) for weight in self._hidden_path())
+
+    def _hidden_path(self) -> list[torch.Tensor]:
+        """The weights that must stay >= 0 for convexity: W_i and the quadratic's gate."""
+        weights = [layer.weight for layer in self.hidden_layers]
+        return weights + ([self.quadratic.gate] if self.quadratic is not None else [])

@@ -90,6 +90,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _upsert_statement(dialect: str, table: sa.Table, columns: tuple[str, ...], keep: tuple[str, ...]) -> sa.Insert:
+    """``INSERT ... ON CONFLICT (primary key) DO UPDATE SET`` the given non-key columns but ``keep``.
+
+    ``dialect`` is "sqlite" or "postgresql" (both spell the upsert the same way).
+    """
+    insert = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(table)
+    keys = [column.name for column in table.primary_key.columns]
+    updates = [c for c in columns if c not in keys and c not in keep]
+    if not updates:
+        return insert.on_conflict_do_nothing(index_elements=keys)
+    return insert.on_conflict_do_update(index_elements=keys, set_={c: insert.excluded[c] for c in updates})
+
+
 class Store:
     """Runs, maps, metrics and trials in one SQL database; tables are created when missing.
 
@@ -135,7 +148,7 @@ class Store:
         with self.engine.begin() as connection:
             for columns, group in groups.items():
                 if self._native_upsert:
-                    connection.execute(self._native_statement(table, keys, columns, keep), group)
+                    connection.execute(_upsert_statement(self.engine.dialect.name, table, columns, keep), group)
                     continue
                 for row in group:  # any other database: delete + insert, merged with the stored row
                     match = sa.and_(*(table.c[k] == row[k] for k in keys))
@@ -145,16 +158,6 @@ class Store:
                         merged = {**stored, **row, **{c: stored[c] for c in keep}}
                         connection.execute(table.delete().where(match))
                     connection.execute(table.insert(), merged)
-
-    def _native_statement(
-        self, table: sa.Table, keys: list[str], columns: tuple[str, ...], keep: tuple[str, ...]
-    ) -> sa.Insert:
-        """``INSERT ... ON CONFLICT (keys) DO UPDATE SET`` the carried non-key columns (SQLite, PostgreSQL)."""
-        insert = (sqlite.insert if self.engine.dialect.name == "sqlite" else postgresql.insert)(table)
-        updates = [c for c in columns if c not in keys and c not in keep]
-        if not updates:
-            return insert.on_conflict_do_nothing(index_elements=keys)
-        return insert.on_conflict_do_update(index_elements=keys, set_={c: insert.excluded[c] for c in updates})
 
     def start_run(
         self, run_id: str, kind: str, solver: str, dataset: str, dataset_sha256: str, config: dict[str, Any]
