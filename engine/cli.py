@@ -5,6 +5,7 @@ Errors are one line on stderr: exit code 2 for bad input (data, options), 1 for 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from engine.data import DataError
 
 SOLVER_NAMES = ("cellot", "identity", "observed", "mean_shift", "gaussian")
+DEMO_STEPS = 1000  # the demo's default budget (a few minutes on a laptop CPU); --steps overrides
 
 
 class Progress:
@@ -132,6 +134,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dataset = out / "synthetic.h5ad"
     make_synthetic(n_perturbations=4, n_groups=2, dim=10, n_cells=1000, seed=0).write_h5ad(dataset)
     print(f"synthetic data: 2 groups x 4 perturbations, 10 features -> {dataset}", file=sys.stderr)
+    if args.steps is None and not args.published_steps:
+        args.steps = DEMO_STEPS
+    if args.workers is None:
+        args.workers = min(2, os.cpu_count() or 1)
     config = _resolve_config(args, str(dataset), "condition", "control", "all", args.split_by or "group")
     return _run(config, out, args.store)
 
@@ -225,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one map per perturbation (per group) and evaluate it")
     _train_args(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("demo", help="train on a shipped synthetic dataset (2 groups x 4 perturbations)")
+    p = sub.add_parser("demo", help=f"train on a shipped synthetic dataset (2 groups x 4 perturbations; "
+                                    f"{DEMO_STEPS} steps and 2 workers unless set)")
     _train_args(p, data_required=False)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("predict", help="predict perturbed cells from control cells with a trained run")

@@ -24,9 +24,12 @@ MMD50_GAMMAS: tuple[float, ...] = tuple(float(g) for g in np.logspace(1, -3, 50)
 _MMD_BUFFER_BYTES = 1 << 30
 """Largest kernel buffer `mmd` allocates; above it the stack axis is processed in chunks."""
 
-# sinkhorn_divergence's schedule (measured on CyTOF, 1000 cells: within 2e-4 of the converged value)
-_SCALING = 0.75  # eps shrinks by this factor after each annealing step
-_STEP_ITERATIONS = 3  # Sinkhorn iterations per annealing step
+_MIN_EXPONENT = -80.0
+"""Smallest RBF exponent -gamma d2 that `mmd` evaluates (exp(-80) ~ 1.8e-35)."""
+
+# sinkhorn_divergence schedule (CyTOF, 1000 cells: within 3e-4 of the converged OT_eps, ~100 iterations)
+_SCALING = 0.5  # eps halves after each annealing step
+_STEP_ITERATIONS = 6  # Sinkhorn iterations per annealing step
 _BLOCK = 10  # Sinkhorn iterations between two checks of the dual value at the final eps
 _RTOL = 1e-4  # relative change of the dual value that ends the final iterations
 _MAX_ITERATIONS = 2000
@@ -61,12 +64,14 @@ def _normalised(weights: Tensor | None, like: Tensor) -> Tensor:
 def _kernel_forms(u: Tensor, v: Tensor, a: Tensor, b: Tensor, gammas: Sequence[float], out: Tensor) -> None:
     """Add ``sum_g a^T exp(-gamma_g D) b`` to ``out [K]`` with ``D = squared_distances(u, v)``.
 
-    ``D`` is computed once; one kernel buffer of D's shape is reused for every gamma.
+    ``D`` is computed once; one kernel buffer of D's shape is reused for every gamma. Exponents are
+    clamped at ``_MIN_EXPONENT``, which moves each kernel value by less than 2e-35 and keeps float32
+    ``exp`` off its slow underflow path (5-13x slower below -87).
     """
     d2 = squared_distances(u, v)
     kernel = torch.empty_like(d2)
     for gamma in gammas:
-        torch.mul(d2, -float(gamma), out=kernel).exp_()
+        torch.mul(d2, -float(gamma), out=kernel).clamp_(min=_MIN_EXPONENT).exp_()
         out.add_(torch.matmul(kernel, b.unsqueeze(-1)).squeeze(-1).mul_(a).sum(-1))
 
 
