@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--bootstrap", type=int, default=10, help="random subsamples of 100..1500 cells (CellOT: 10)")
     p.add_argument("--markers", type=int, default=None, help="use the top-N marker features (<= those ranked)")
-    p.add_argument("--sinkhorn", action="store_true", help="add the Sinkhorn divergence (eps 1, <= 500 cells; slow)")
+    p.add_argument("--sinkhorn", action="store_true", help="add the Sinkhorn divergence (eps 0.01 on 0.5|x-y|^2, as CondOT; several s per map)")
     p.add_argument("--store")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("runs", help="list runs in a store")

@@ -380,11 +380,16 @@ def _cluster_shares(adata: ad.AnnData, group: str, condition: str) -> np.ndarray
     return np.bincount(obs["cluster"], minlength=3) / len(obs)
 
 
+def _synthetic_maps(adata):
+    """(group, perturbation, ground truth) of every map of a make_synthetic AnnData."""
+    return [(g, p, truth) for g, maps in adata.uns["synthetic"]["maps"].items() for p, truth in maps.items()]
+
+
 def test_synthetic_growth_changes_proportions() -> None:
     for growth in (False, True):
         adata = make_synthetic(growth=growth, n_cells=600)
-        for name, truth in adata.uns["synthetic"]["maps"].items():
-            group, pert = name.split("/")
+        for group, pert, truth in _synthetic_maps(adata):
+            name = f"{group}/{pert}"
             change = np.abs(_cluster_shares(adata, group, pert) - _cluster_shares(adata, group, "control")).max()
             assert (change > 0.08) == growth, (name, change)
             np.testing.assert_allclose(_cluster_shares(adata, group, pert), truth["proportions"], atol=0.07)
@@ -393,8 +398,8 @@ def test_synthetic_growth_changes_proportions() -> None:
 def test_synthetic_ground_truth_map_explains_the_perturbed_cells() -> None:
     adata = make_synthetic(n_cells=600)
     obs = adata.obs
-    for name in adata.uns["synthetic"]["maps"]:
-        group, pert = name.split("/")
+    for group, pert, _ in _synthetic_maps(adata):
+        name = f"{group}/{pert}"
         for cluster in range(3):
             in_cluster = (obs["group"] == group) & (obs["cluster"] == cluster)
             pushed = synthetic_map(adata, name, adata.X[in_cluster & (obs["condition"] == "control")])

@@ -122,7 +122,8 @@ def test_map_rows_update_only_the_columns_they_carry(store: Store):
     maps = store.maps("r1")
     assert maps["perturbation"].tolist() == ["a", "b"]
     a = maps.iloc[0]
-    assert (a["status"], a["steps"], a["best_step"], a["checkpoint"]) == ("evaluated", 500, 400, "checkpoints/s0.maps.pt")
+    assert (a["status"], a["steps"], a["best_step"]) == ("evaluated", 500, 400)
+    assert a["checkpoint"] == "checkpoints/s0.maps.pt"
     assert maps.iloc[1]["status"] == "running" and maps.iloc[1]["error"] is None
 
 
@@ -144,7 +145,8 @@ def test_postgresql_upsert_statement():
     statement = _upsert_statement("postgresql", METRICS, ("metric", "perturbation", "run_id", "split", "step",
                                                           "trial_id", "value"), ())
     sql = str(statement.compile(dialect=postgresql.dialect()))
-    assert "ON CONFLICT (run_id, trial_id, perturbation, split, metric, step) DO UPDATE SET value = excluded.value" in sql
+    conflict = "ON CONFLICT (run_id, trial_id, perturbation, split, metric, step)"
+    assert f"{conflict} DO UPDATE SET value = excluded.value" in sql
 
 
 def test_two_stores_on_one_file_write_concurrently(tmp_path: Path):

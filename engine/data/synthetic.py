@@ -61,7 +61,7 @@ def make_synthetic(
             }
             factors = 1.0 + rng.uniform(0.4, 0.8) * rng.permutation([-1.0, 0.0, 1.0]) if growth else np.ones(N_CLUSTERS)
             populations.append((f"pert{p}", uniform * factors, params))
-            truth["maps"][f"{group}/pert{p}"] = {
+            truth["maps"].setdefault(group, {})[f"pert{p}"] = {  # nested: "/" is a path in h5
                 **{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in params.items()},
                 "proportions": (uniform * factors).tolist(),
                 "growth": factors.tolist(),
@@ -89,6 +89,7 @@ def make_synthetic(
 
 def synthetic_map(adata: ad.AnnData, name: str, x: np.ndarray | Sequence) -> np.ndarray:
     """Apply the true map ``name`` ("g0/pert1") of a ``make_synthetic`` AnnData to cells x [n, dim]."""
-    params = adata.uns["synthetic"]["maps"][name]
+    group, perturbation = name.split("/")
+    params = adata.uns["synthetic"]["maps"][group][perturbation]
     shift, weight = np.asarray(params["shift"]), np.asarray(params["weight"])
     return _push(np.asarray(x, dtype=np.float64), shift, float(params["scale"]), weight).astype(np.float32)

@@ -52,8 +52,12 @@ def _scores(
     target_sample: torch.Tensor,
     knn: bool,
     sinkhorn: bool,
+    rng: np.random.Generator,
 ) -> dict[str, float]:
-    """Every unweighted metric of ``cells`` against ``target``; the O(n^2) ones on the subsamples."""
+    """Every unweighted metric of ``cells`` against ``target``; the O(n^2) ones on the subsamples.
+
+    kNN enrichment compares equal-size random subsets of the two subsamples, so 0.5 means mixed.
+    """
     r = float(r_means(cells, target))
     scores = {
         "mmd": float(mmd(cells_sample, target_sample, MMD_GAMMAS)),
@@ -66,7 +70,10 @@ def _scores(
     if sinkhorn:
         scores[f"sinkhorn_div_eps{SINKHORN_EPS:g}"] = sinkhorn_divergence(cells_sample, target_sample, SINKHORN_EPS)
     if knn:
-        scores["knn_enrich50"] = float(knn_enrichment(cells_sample, target_sample, k=50))
+        n = min(len(cells_sample), len(target_sample))
+        pred_knn = cells_sample[_subsample(len(cells_sample), n, rng)]
+        obs_knn = target_sample[_subsample(len(target_sample), n, rng)]
+        scores["knn_enrich50"] = float(knn_enrichment(pred_knn, obs_knn, k=50))
     return scores
 
 
@@ -107,7 +114,8 @@ def evaluate_map(
     Inputs are float arrays ``[n_cells, n_features]`` in data space; ``features`` selects columns
     (the map's markers). Per split: ``mmd`` (6 gammas), ``mmd50`` (50 gammas), ``l2_means``,
     ``r_means`` (Pearson r of the mean vectors), ``r2_means`` (its square), ``energy``,
-    ``sinkhorn_div_eps0.01`` (when ``sinkhorn``), ``knn_enrich50`` (when ``knn``), and for ``test``
+    ``sinkhorn_div_eps0.01`` (when ``sinkhorn``), ``knn_enrich50`` (when ``knn``; on equal-size
+    subsets, 0.5 = mixed), and for ``test``
     ``mmd_weighted`` when ``pred_weights`` are given (NubOT). The means use every cell; the O(n^2)
     metrics use a seeded subsample of at most ``max_cells`` cells per population. ``bootstrap`` B > 0
     adds ``<metric>_boot_mean`` / ``_boot_std`` for mmd and l2_means over B random subsamples
@@ -121,12 +129,16 @@ def evaluate_map(
 
     target = cells_of(target_test)
     target_sample = target[_subsample(len(target), max_cells, rng)]
-    populations = {"test": cells_of(pred), "test_identity": cells_of(source_test), "test_observed": cells_of(target_train)}
+    populations = {
+        "test": cells_of(pred),
+        "test_identity": cells_of(source_test),
+        "test_observed": cells_of(target_train),
+    }
     rows: list[MetricRow] = []
     for split, cells in populations.items():
         keep = _subsample(len(cells), max_cells, rng)
         cells_sample = cells[keep]
-        scores = _scores(cells, target, cells_sample, target_sample, knn, sinkhorn)
+        scores = _scores(cells, target, cells_sample, target_sample, knn, sinkhorn, rng)
         if split == "test" and pred_weights is not None:
             weights = torch.from_numpy(np.asarray(pred_weights, dtype=np.float64))[keep]
             scores["mmd_weighted"] = float(mmd(cells_sample, target_sample, MMD_GAMMAS, x_weights=weights))

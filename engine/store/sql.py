@@ -191,8 +191,9 @@ class Store:
         """
         clean = []
         for row in rows:
-            value = None if row["value"] is None else float(row["value"])
-            clean.append({"trial_id": "", **row, "value": None if value is None or math.isnan(value) else value})
+            value = row["value"]
+            value = None if value is None or math.isnan(float(value)) else float(value)
+            clean.append({"trial_id": "", **row, "value": value})
         self._upsert(METRICS, clean)
 
     def upsert_trials(self, rows: list[dict[str, Any]]) -> None:
