@@ -74,6 +74,14 @@ def test_demo_metrics_and_predict(ray_session, tmp_path, capsys):
     assert main(["metrics", "--run", str(out), "--format", "csv"]) == 0
     csv = capsys.readouterr().out.splitlines()
     assert csv[0] == "perturbation,metric,model,identity,observed" and len(csv) > 8
+    assert main(["evaluate", "--run", str(out), "--bootstrap", "2"]) == 0
+    from engine.api import FitResult
+
+    boot = FitResult.load(out).metrics(metric="mmd_boot_mean")
+    assert set(boot["split"]) == {"test", "test_identity", "test_observed"} and boot["value"].notna().all()
+    capsys.readouterr()
+    assert main(["runs", "--root", str(tmp_path)]) == 0
+    assert "finished" in capsys.readouterr().out
     controls = tmp_path / "controls.h5ad"
     import anndata as ad
 
