@@ -18,7 +18,7 @@ from ray.train.torch import TorchTrainer
 from engine.cluster.actors import MetricsSink, ShardStore, SinkReporter
 from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
-from engine.train.maps import stack_id, train_maps
+from engine.train.maps import MapRun, stack_id, train_maps
 
 
 def balance(maps: list[MapKey], weights: list[int], workers: int) -> list[list[MapKey]]:
@@ -63,7 +63,7 @@ def train_worker(loop_config: dict) -> None:
         torch.set_num_threads(1)
         device = torch.device("cpu")
     reporter = SinkReporter(ray.get_actor(loop_config["sink"]))
-    train_maps(prepared, keys, config, Path(loop_config["run_dir"]), reporter, device, loop_config["run_id"])
+    train_maps(MapRun(prepared, config, Path(loop_config["run_dir"]), reporter, device, loop_config["run_id"]), keys)
 
 
 def run_training(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -109,56 +109,50 @@ def predict_cells(solver: StackSolver, x: list[np.ndarray], device: torch.device
     return [(np.concatenate(o), np.concatenate(w) if w else None) for o, w in zip(out, weights)]
 
 
-def train_maps(
-    prepared: PreparedData,
-    keys: list[MapKey],
-    config: RunConfig,
-    run_dir: Path,
-    reporter: Reporter,
-    device: torch.device,
-    run_id: str,
-) -> None:
+@dataclass
+class MapRun:
+    """What every stack of one worker shares: the cells, the run's config and where results go."""
+
+    prepared: PreparedData
+    config: RunConfig
+    run_dir: Path
+    reporter: Reporter
+    device: torch.device
+    run_id: str
+
+    def map_rows(self, keys: list[MapKey], status: str, **fields: object) -> list[dict]:
+        return [{"run_id": self.run_id, "perturbation": k.name, "status": status, **fields} for k in keys]
+
+
+def train_maps(run: MapRun, keys: list[MapKey]) -> None:
     """Train, save, evaluate and predict every map in `keys`, stack by stack."""
-    size = max(1, config.train.stack_size)
+    size = max(1, run.config.train.stack_size)
     for start in range(0, len(keys), size):
         chunk = keys[start : start + size]
         stack = stack_id(chunk)
-        if maps_file(run_dir, stack).exists():
+        if maps_file(run.run_dir, stack).exists():
             continue
         try:
-            _train_one_stack(prepared, chunk, stack, config, run_dir, reporter, device, run_id)
+            _train_one_stack(run, chunk, stack)
         except Exception as error:  # one failed stack must not lose the others
-            message = f"{type(error).__name__}: {error}"
-            reporter.maps([_map_row(run_id, k, "failed", error=message) for k in chunk])
+            run.reporter.maps(run.map_rows(chunk, "failed", error=f"{type(error).__name__}: {error}"))
             traceback.print_exc()
 
 
-def _map_row(run_id: str, key: MapKey, status: str, **fields: object) -> dict:
-    return {"run_id": run_id, "perturbation": key.name, "status": status, **fields}
-
-
-def _train_one_stack(
-    prepared: PreparedData,
-    keys: list[MapKey],
-    stack: str,
-    config: RunConfig,
-    run_dir: Path,
-    reporter: Reporter,
-    device: torch.device,
-    run_id: str,
-) -> None:
-    data = stack_data(prepared, keys, config, device)
-    solver = build_solver(config.solver, len(keys), prepared.dim, config.solver_params)
+def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
+    config, reporter = run.config, run.reporter
+    data = stack_data(run.prepared, keys, config, run.device)
+    solver = build_solver(config.solver, len(keys), run.prepared.dim, config.solver_params)
     solver.initialize(data, [map_seed(config.train.seed, k.name) for k in keys])
-    solver.to(device)
+    solver.to(run.device)
     solver.optimizers = solver.build_optimizers()
-    reporter.maps([_map_row(run_id, k, "running") for k in keys])
+    reporter.maps(run.map_rows(keys, "running"))
     total = config.train.steps if solver.trainable else 0
 
     def on_eval(step: int, row: dict[str, torch.Tensor]) -> None:
         reporter.metrics(
             [
-                {"run_id": run_id, "perturbation": key.name, "split": "valid" if name == "mmd" else "train",
+                {"run_id": run.run_id, "perturbation": key.name, "split": "valid" if name == "mmd" else "train",
                  "metric": name, "value": float(values[k]), "step": step}
                 for name, values in ((n, v.detach().cpu()) for n, v in row.items())
                 for k, key in enumerate(keys)
@@ -171,20 +165,16 @@ def _train_one_stack(
 
     outcome = train_stack(
         solver, data, config.train,
-        checkpoint=run_dir / "checkpoints" / f"{stack}.train.pt", on_eval=on_eval, on_progress=on_progress,
+        checkpoint=run.run_dir / "checkpoints" / f"{stack}.train.pt", on_eval=on_eval, on_progress=on_progress,
     )
-    reporter.metrics([{"run_id": run_id, "perturbation": k.name, "split": "train", "metric": "train_seconds",
+    reporter.metrics([{"run_id": run.run_id, "perturbation": k.name, "split": "train", "metric": "train_seconds",
                        "value": outcome.seconds, "step": outcome.steps} for k in keys])
-    path = maps_file(run_dir, stack)
+    path = maps_file(run.run_dir, stack)
     save_maps(path, solver, keys, config)
-    _evaluate_and_predict(prepared, keys, solver, stack, config, run_dir, reporter, device, run_id, outcome.steps)
-    reporter.maps(
-        [
-            _map_row(run_id, k, "diverged" if outcome.diverged[i] else "trained", steps=outcome.steps,
-                     best_step=outcome.best_step[i], checkpoint=str(path))
-            for i, k in enumerate(keys)
-        ]
-    )
+    _evaluate_and_predict(run, keys, solver, stack, outcome.steps)
+    for i, key in enumerate(keys):
+        status = "diverged" if outcome.diverged[i] else "trained"
+        reporter.maps(run.map_rows([key], status, steps=outcome.steps, best_step=outcome.best_step[i], checkpoint=str(path)))
     reporter.progress(stack, total, total)
 
 
@@ -229,26 +219,16 @@ def metric_rows(run_id: str, key: MapKey, rows: list[MetricRow], step: int) -> l
              "value": r.value, "step": step} for r in rows]
 
 
-def _evaluate_and_predict(
-    prepared: PreparedData,
-    keys: list[MapKey],
-    solver: StackSolver,
-    stack: str,
-    config: RunConfig,
-    run_dir: Path,
-    reporter: Reporter,
-    device: torch.device,
-    run_id: str,
-    step: int,
-) -> None:
+def _evaluate_and_predict(run: MapRun, keys: list[MapKey], solver: StackSolver, stack: str, step: int) -> None:
     """Final evaluation rows to the reporter; predictions of the held-out controls to predictions/."""
     records: dict[str, np.ndarray] = {}
-    for k, (key, (rows, cells, weights)) in enumerate(zip(keys, evaluate_maps(prepared, keys, solver, device, config.train.seed))):
-        reporter.metrics(metric_rows(run_id, key, rows, step))
+    evaluated = evaluate_maps(run.prepared, keys, solver, run.device, run.config.train.seed)
+    for k, (key, (rows, cells, weights)) in enumerate(zip(keys, evaluated)):
+        run.reporter.metrics(metric_rows(run.run_id, key, rows, step))
         records[f"cells/{k}"] = cells
         if weights is not None:
             records[f"weights/{k}"] = weights
-    out = run_dir / "predictions" / f"{stack}.npz"
+    out = run.run_dir / "predictions" / f"{stack}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, maps=np.array([k.name for k in keys]), **records)
 
