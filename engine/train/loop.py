@@ -90,12 +90,15 @@ def train_stack(
     steps = config.steps if solver.trainable else 0
     start = _resume(checkpoint, solver, data, book) if checkpoint is not None and checkpoint.exists() else None
     history: list[dict[str, Any]] = []
+    any_diverged = bool(book.diverged.any())  # host copy: the per-step loop never waits on the device
 
     def evaluate(step: int, logs: dict[str, torch.Tensor]) -> None:
+        nonlocal any_diverged
         newly = book.nonfinite & ~book.diverged
         if bool(newly.any()):
             book.diverged |= newly
             solver.restore_maps(book.best, newly)
+            any_diverged = True
         with torch.enable_grad():
             value = validation_mmd(solver, data).detach()
         improved = (value < book.best_mmd) & torch.isfinite(value) & ~book.diverged
@@ -122,7 +125,7 @@ def train_stack(
             book.nonfinite |= ~torch.isfinite(value)
             sums[name] = sums.get(name, 0.0) + value
         since_eval += 1
-        if bool(book.diverged.any()):
+        if any_diverged:  # frozen maps go back to their best state after every step
             solver.restore_maps(book.best, book.diverged)
         done = step + 1
         if done % config.eval_every == 0 or done == steps:
