@@ -45,7 +45,7 @@ def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
         p.add_argument("--condition-key", required=True, help="obs column holding the condition labels")
         p.add_argument("--control", required=True, help="control label in that column")
         p.add_argument("--perturbations", default="all", help="'all' or a comma-separated list of labels")
-    p.add_argument("--solver", default="cellot", choices=SOLVER_NAMES)
+    p.add_argument("--solver", choices=SOLVER_NAMES, help="default: the config file's solver.name, else cellot")
     p.add_argument("--config", type=Path, help="YAML with sections data, solver, train, cluster")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. train.batch_size=128 or solver.init=uniform")
@@ -87,7 +87,7 @@ def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str, 
             raise DataError(f"--holdout expects KEY=VALUE, got {args.holdout!r}")
         data["holdout"] = [key, value]
     solver = raw.setdefault("solver", {})
-    solver["name"] = args.solver if args.solver != "cellot" or "name" not in solver else solver["name"]
+    solver["name"] = args.solver or solver.get("name", "cellot")
     train = raw.setdefault("train", {})
     if args.published_steps:
         train["steps"] = solver_class(solver["name"]).published_steps or train.get("steps", 2000)

@@ -4,6 +4,7 @@ workers: different maps share nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def train_worker(loop_config: dict) -> None:
     ]
     refs = ray.get(shards.tables.remote(sorted(set(wanted))))
     tables = dict(zip(refs, ray.get(list(refs.values()))))
-    prepared = PreparedData(**{**layout.__dict__, "tables": tables})
+    prepared = dataclasses.replace(layout, tables=tables)
     if config.cluster.gpus_per_worker > 0:
         device = ray.train.torch.get_device()
     else:
