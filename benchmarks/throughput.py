@@ -20,7 +20,6 @@ Prints one JSON document; `main(argv)` returns it as a dict.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -36,8 +35,10 @@ import torch
 if __package__ in (None, ""):  # run as a script from a checkout: make `engine` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import emit  # noqa: E402
 from engine.solvers import build_solver  # noqa: E402
 from engine.solvers.base import StackSolver  # noqa: E402
+from engine.train.device import resolve_device  # noqa: E402
 from engine.train.stack_data import StackData, map_seed  # noqa: E402
 
 SOLVER = "cellot"
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, the median is reported (default 3)")
     p.add_argument("--subset", type=int, default=8, help="one-at-a-time: time at most this many maps, scale to K (default 8)")
     p.add_argument("--reference-steps", type=int, default=None, help="timed outer steps of the d=48 single map per repeat (default 25; --quick 10)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: per-core numbers)")
     p.add_argument("--quick", action="store_true", help="~30 s smoke run: d=24, K in 1 8, few steps")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -85,7 +86,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, quick if args.quick else full)
     if args.quick and args.steps is None:
         args.steps = 2
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 
 
@@ -108,7 +108,7 @@ def build(pops: tuple[list[np.ndarray], ...], maps: list[int], device: torch.dev
     solver = build_solver(SOLVER, len(maps), data.dim)
     solver.initialize(data, seeds)
     solver.to(device)
-    solver.optimizers = solver.build_optimizers()
+    solver.start_training(solver.plan(solver.config, 10**9))
     return data, solver
 
 
@@ -117,6 +117,7 @@ class Runner:
 
     def __init__(self, data: StackData, solver: StackSolver, device: torch.device) -> None:
         self.data, self.solver, self.device, self.step = data, solver, device, 0
+        self.phase = solver.plan(solver.config, 10**9).phases[0]
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -127,7 +128,7 @@ class Runner:
         self.sync()
         started = time.perf_counter()
         for _ in range(steps):
-            self.solver.train_step(self.data, self.step)
+            self.solver.train_step(self.data, self.step, self.phase)
             self.step += 1
         self.sync()
         return time.perf_counter() - started
@@ -185,7 +186,7 @@ def measure_reference(args: argparse.Namespace, device: torch.device) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print and return the JSON document (a dict)."""
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     threads_before = torch.get_num_threads()
@@ -231,12 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "seconds": time.perf_counter() - started,
     }
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return doc
+    return emit(doc, args.out)
 
 
 if __name__ == "__main__":

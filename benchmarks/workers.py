@@ -13,7 +13,6 @@ and the ratios 2 workers / 1 worker. One CPU per worker, one torch thread each.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import emit  # noqa: E402
 from engine.api import fit  # noqa: E402
 from engine.cluster.runtime import connect  # noqa: E402
 from engine.cluster.trainer import balance  # noqa: E402
@@ -76,11 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_wall_2_over_1": summary[2]["wall_map_steps_per_s"] / summary[1]["wall_map_steps_per_s"],
         "runs": runs,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 
 from engine.data import DataError
+from engine.solvers import SOLVERS
 
-SOLVER_NAMES = ("cellot", "identity", "observed", "mean_shift", "gaussian")
 DEMO_STEPS = 1000  # the demo's default budget (a few minutes on a laptop CPU); --steps overrides
 
 
@@ -45,7 +44,9 @@ def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
         p.add_argument("--condition-key", required=True, help="obs column holding the condition labels")
         p.add_argument("--control", required=True, help="control label in that column")
         p.add_argument("--perturbations", default="all", help="'all' or a comma-separated list of labels")
-    p.add_argument("--solver", choices=SOLVER_NAMES, help="default: the config file's solver.name, else cellot")
+    p.add_argument("--solver", choices=sorted(SOLVERS),
+                   help="default: the config file's solver.name, else cellot. " + "; ".join(
+                       f"{name} = {cls.summary()}" for name, cls in sorted(SOLVERS.items())))
     p.add_argument("--config", type=Path, help="YAML with sections data, solver, train, cluster")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. train.batch_size=128 or solver.init=uniform")
@@ -59,51 +60,33 @@ def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("--preprocess", choices=("none", "log1p_normalize", "qscale_log1p", "arcsinh5"))
     p.add_argument("--embed", help="train in a latent space, e.g. pca:50 (metrics decoded to genes)")
     p.add_argument("--obsm-key", help="take features from adata.obsm[KEY] instead of X")
+    p.add_argument("--select-on", choices=("valid", "test"),
+                   help="cells that pick each map's best state: valid (default, a split of its own) or "
+                        "test (CellOT's protocol, for paper comparisons; the final metrics then see them too)")
     p.add_argument("--seed", type=int, help="seed of splits, initialisation and minibatches (default 0)")
-    p.add_argument("--steps", type=int, help="outer training steps per map (default 2000)")
+    p.add_argument("--steps", type=int, help="outer training steps per map, all phases (default 2000)")
+    p.add_argument("--device", help="auto (default: a GPU per worker when Ray has GPUs) | cpu | cuda | cuda:N")
     p.add_argument("--published-steps", action="store_true", help="use the paper's step count (CellOT: 100k)")
 
 
-def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str, control: str,
-                    perturbations: str, split_by: str | None) -> Any:
-    from engine.config import RunConfig, apply_overrides
-    from engine.solvers import solver_class
+def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str | None, control: str | None,
+                    perturbations: str | None, split_by: str | None) -> Any:
+    from engine.config import RunConfig
 
-    raw: dict[str, Any] = yaml.safe_load(args.config.read_text()) if args.config else {}
-    if not isinstance(raw, dict):
-        raise DataError(f"{args.config}: expected a YAML mapping with sections data, solver, train, cluster")
-    raw["dataset"] = dataset
-    data = raw.setdefault("data", {})
-    data.update({"condition_key": condition_key, "control": control})
-    if perturbations != "all":
-        data["perturbations"] = [p.strip() for p in perturbations.split(",") if p.strip()]
-    for key, value in (("split_by", split_by), ("preprocess", args.preprocess), ("embed", args.embed),
-                       ("obsm_key", args.obsm_key), ("seed", args.seed)):
-        if value is not None:
-            data[key] = value
+    holdout = None
     if args.holdout:
         key, sep, value = args.holdout.partition("=")
         if not sep:
             raise DataError(f"--holdout expects KEY=VALUE, got {args.holdout!r}")
-        data["holdout"] = [key, value]
-    solver = raw.setdefault("solver", {})
-    solver["name"] = args.solver or solver.get("name", "cellot")
-    train = raw.setdefault("train", {})
-    if args.published_steps:
-        train["steps"] = solver_class(solver["name"]).published_steps or train.get("steps", 2000)
-    if args.steps is not None:
-        train["steps"] = args.steps
-    if args.seed is not None:
-        train["seed"] = args.seed
-    cluster = raw.setdefault("cluster", {})
-    for key, value in (("address", args.address), ("workers", args.workers), ("gpus_per_worker", args.gpus_per_worker)):
-        if value is not None:
-            cluster[key] = value
-    apply_overrides(raw, args.set)
-    try:
-        return RunConfig.from_dict(raw)
-    except (TypeError, ValueError) as error:
-        raise DataError(str(error)) from error
+        holdout = [key, value]
+    wanted = None if perturbations in (None, "all") else [p.strip() for p in perturbations.split(",") if p.strip()]
+    return RunConfig.resolve(
+        args.config, args.set, dataset=dataset, condition_key=condition_key, control=control,
+        perturbations=wanted, split_by=split_by, holdout=holdout, preprocess=args.preprocess, embed=args.embed,
+        obsm_key=args.obsm_key, select_on=args.select_on, seed=args.seed, solver=args.solver,
+        published_steps=args.published_steps or None, steps=args.steps, device=args.device,
+        address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+    )
 
 
 def _run(config: Any, out: Path | None, store: str | None) -> int:
@@ -117,8 +100,8 @@ def _run(config: Any, out: Path | None, store: str | None) -> int:
           + ", ".join(f"{n} {s}" for s, n in maps["status"].value_counts().items()) + f" -> {run_dir}")
     for row in maps[maps["error"].notna()].itertuples():
         print(f"  {row.perturbation}: {row.status}: {row.error}", file=sys.stderr)
-    _print_metrics(result.metrics(), "table")
-    return 0 if maps["status"].isin(["trained", "diverged"]).all() else 1
+    _print_frame(result.summary(), "table")
+    return 0 if result.succeeded() else 1
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -160,12 +143,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from engine.train.maps import reevaluate
-
     result = _open_run(args.run, args.store)
-    rows = reevaluate(result, bootstrap=args.bootstrap, markers=args.markers, sinkhorn=args.sinkhorn)
+    rows = result.evaluate(bootstrap=args.bootstrap, markers=args.markers, sinkhorn=args.sinkhorn)
     print(f"{rows} metric rows written for run {result.run_id}")
-    _print_metrics(result.metrics(), "table")
+    _print_frame(result.summary(), "table")
     return 0
 
 
@@ -188,15 +169,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_metrics(frame: Any, fmt: str, raw: bool = False) -> None:
-    if not raw:
-        final = frame[frame["split"].isin(["test", "test_identity", "test_observed"])]
-        if final.empty:
-            print("no final metrics yet")
-            return
-        frame = final.pivot_table(index=["perturbation", "metric"], columns="split", values="value").reset_index()
-        frame.columns.name = None
-        frame = frame.rename(columns={"test": "model", "test_identity": "identity", "test_observed": "observed"})
+def _print_frame(frame: Any, fmt: str) -> None:
+    if frame.empty:
+        print("no metrics yet")
+        return
     if fmt == "csv":
         print(frame.to_csv(index=False), end="")
     elif fmt == "json":
@@ -207,20 +183,23 @@ def _print_metrics(frame: Any, fmt: str, raw: bool = False) -> None:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     result = _open_run(args.run, args.store)
-    frame = result.metrics(metric=args.metric)
-    _print_metrics(frame, args.format, args.raw)
+    _print_frame(result.metrics(metric=args.metric) if args.raw else result.summary(args.metric), args.format)
     return 0
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    """Run benchmarks/throughput.py (or benchmarks/workers.py with `bench workers ...`) from the checkout."""
+    """Run benchmarks/NAME.py from the checkout (`bench [NAME] [ARGS]`; NAME defaults to throughput)."""
     import runpy
 
-    name = "workers" if rest[:1] == ["workers"] else "throughput"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    names = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
+    name = rest[0] if rest[:1] and rest[0] in names else "throughput"
+    script = BENCHMARKS / f"{name}.py"
     if not script.exists():
         raise DataError(f"perturbot bench needs the project checkout ({script} is missing)")
-    sys.argv = [str(script)] + rest[1 if name == "workers" else 0 :]
+    sys.argv = [str(script)] + rest[1 if rest[:1] == [name] else 0 :]
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
@@ -261,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="every row (training logs, validation), not the summary")
     p.set_defaults(func=cmd_metrics)
     p = sub.add_parser("bench", add_help=False,
-                       help="benchmarks: stacked vs one-at-a-time (`bench --help`), 1 vs 2 Ray workers (`bench workers`)")
+                       help="benchmarks (JSON out): stacked vs one-at-a-time (`bench --help`), 1 vs 2 Ray workers "
+                            "(`bench workers`), data preparation (`bench data_prep`)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -2,20 +2,30 @@
 
 It round-trips through plain dicts (config.yaml in the run directory, job specs, `--set a.b=v`
 overrides) and is what checkpoints carry, so a run can be reproduced or resumed from its directory.
+`RunConfig.resolve` is the one place where a config file, flags and overrides meet (CLI and API).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
-from engine.data import DataError, DataSpec
+from engine.data import DataSpec
+from engine.options import DataError, parse_options, to_plain
 from engine.solvers import solver_class
 from engine.solvers.base import make_config
 from engine.train.loop import TrainConfig
+
+SECTIONS = ("dataset", "data", "solver", "train", "cluster")
+DATA_FLAGS = ("condition_key", "control", "perturbations", "split_by", "holdout", "preprocess", "embed",
+              "obsm_key", "select_on")
+TRAIN_FLAGS = ("steps", "device")
+CLUSTER_FLAGS = ("address", "workers", "gpus_per_worker")
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass
@@ -23,6 +33,10 @@ class ClusterConfig:
     address: str = "local"  # local (in-process Ray) | auto | ray://host:port
     workers: int = 1  # Ray Train workers; each owns whole maps
     gpus_per_worker: float = 0.0  # 0 = CPU workers with one torch thread each; fractions allowed
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.gpus_per_worker < 0:
+            raise DataError(f"cluster.workers must be >= 1 and gpus_per_worker >= 0, got {self.workers}, {self.gpus_per_worker}")
 
 
 @dataclass
@@ -35,35 +49,46 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
-        make_config(solver_class(self.solver).Config, self.solver_params)  # fail early on bad options
+        solver_class(self.solver)
+        self.solver_config()  # fail early on bad options
+        device = self.train.device
+        if not DEVICE.fullmatch(device):
+            raise DataError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N")
+        if device == "cpu" and self.cluster.gpus_per_worker > 0:
+            raise DataError(f"device cpu contradicts gpus_per_worker={self.cluster.gpus_per_worker}")
+        if device.startswith("cuda") and self.cluster.gpus_per_worker == 0:
+            self.cluster.gpus_per_worker = 1.0  # a CUDA run needs a GPU per worker
 
     def solver_config(self) -> Any:
         return make_config(solver_class(self.solver).Config, self.solver_params)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict with every default filled in (solver options included)."""
-        solver = {"name": self.solver, **_plain(dataclasses.asdict(self.solver_config()))}
         return {
             "dataset": self.dataset,
-            "data": _plain(self.data.to_dict()),
-            "solver": solver,
+            "data": to_plain(self.data.to_dict()),
+            "solver": {"name": self.solver, **to_plain(dataclasses.asdict(self.solver_config()))},
             "train": dataclasses.asdict(self.train),
             "cluster": dataclasses.asdict(self.cluster),
         }
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
-        unknown = sorted(set(raw) - {"dataset", "data", "solver", "train", "cluster"})
+        if not isinstance(raw, dict):
+            raise DataError(f"a run config is a mapping with sections {', '.join(SECTIONS)}, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(SECTIONS))
         if unknown:
-            raise DataError(f"unknown config section(s) {', '.join(unknown)}")
+            raise DataError(f"unknown config section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+        if "dataset" not in raw or "data" not in raw:
+            raise DataError("a run config needs `dataset` and a `data` section (condition_key, control)")
         solver = dict(raw.get("solver") or {})
         return cls(
             dataset=str(raw["dataset"]),
-            data=DataSpec.from_dict(raw["data"]),
-            solver=solver.pop("name", "cellot"),
+            data=DataSpec.from_dict(raw["data"] or {}),
+            solver=str(solver.pop("name", "cellot")),
             solver_params=solver,
-            train=_section(TrainConfig, raw.get("train")),
-            cluster=_section(ClusterConfig, raw.get("cluster")),
+            train=parse_options(TrainConfig, raw.get("train"), "train"),
+            cluster=parse_options(ClusterConfig, raw.get("cluster"), "cluster"),
         )
 
     def save(self, path: Path) -> None:
@@ -73,8 +98,48 @@ class RunConfig:
     def load(cls, path: Path) -> "RunConfig":
         return cls.from_dict(yaml.safe_load(Path(path).read_text()))
 
+    @classmethod
+    def resolve(cls, file: str | Path | None = None, overrides: Sequence[str] = (), **flags: Any) -> "RunConfig":
+        """A config file (YAML with sections dataset, data, solver, train, cluster), then the flags
+        that are not None, then `section.key=value` overrides (values parsed as YAML), in that order.
 
-def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+        flags: dataset, solver, seed (data and train), published_steps, solver_params / train_params
+        (dicts merged into their sections), and the keys of DATA_FLAGS, TRAIN_FLAGS, CLUSTER_FLAGS.
+        """
+        raw: dict[str, Any] = {}
+        if file is not None:
+            try:
+                raw = yaml.safe_load(Path(file).read_text()) or {}
+            except (OSError, yaml.YAMLError) as error:
+                raise DataError(f"cannot read config {file}: {error}") from error
+            if not isinstance(raw, dict):
+                raise DataError(f"{file}: expected a YAML mapping with sections {', '.join(SECTIONS)}")
+        known = {"dataset", "solver", "seed", "published_steps", "solver_params", "train_params",
+                 *DATA_FLAGS, *TRAIN_FLAGS, *CLUSTER_FLAGS}
+        unknown = sorted(set(flags) - known)
+        if unknown:
+            raise TypeError(f"RunConfig.resolve got unknown flag(s) {', '.join(unknown)}")
+        given = {k: v for k, v in flags.items() if v is not None}
+        if "dataset" in given:
+            raw["dataset"] = str(given["dataset"])
+        sections = {name: dict(raw.get(name) or {}) for name in ("data", "solver", "train", "cluster")}
+        for names, section in ((DATA_FLAGS, "data"), (TRAIN_FLAGS, "train"), (CLUSTER_FLAGS, "cluster")):
+            sections[section].update({k: given[k] for k in names if k in given})
+        if "seed" in given:
+            sections["data"]["seed"] = sections["train"]["seed"] = given["seed"]
+        sections["solver"].update(given.get("solver_params", {}))
+        sections["train"].update(given.get("train_params", {}))
+        sections["solver"]["name"] = given.get("solver", sections["solver"].get("name", "cellot"))
+        if given.get("published_steps") and "steps" not in given:
+            published = solver_class(sections["solver"]["name"]).published_steps
+            if not published:
+                raise DataError(f"solver {sections['solver']['name']} has no published step count")
+            sections["train"]["steps"] = published
+        raw.update(sections)
+        return cls.from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
     """Apply `section.key=value` assignments (values parsed as YAML) to a config dict, in place."""
     for assignment in assignments:
         path, sep, value = assignment.partition("=")
@@ -88,20 +153,3 @@ def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, An
                 raise DataError(f"--set {path}: {part!r} is not a section")
         node[leaf] = yaml.safe_load(value)
     return raw
-
-
-def _section(cls: type, raw: dict[str, Any] | None) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw or {}) - names)
-    if unknown:
-        raise DataError(f"unknown {cls.__name__} option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return cls(**(raw or {}))
-
-
-def _plain(value: Any) -> Any:
-    """Tuples to lists, recursively (YAML-safe)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

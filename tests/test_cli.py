@@ -15,6 +15,12 @@ def h5ad(tmp_path_factory):
     return path
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _bad(tmp_path, adata_change):
     adata = make_synthetic(n_perturbations=2, n_groups=2, dim=5, n_cells=120, seed=3)
     adata = adata_change(adata) or adata
@@ -51,9 +57,14 @@ def _tiny(a):
         ("group too small", lambda tmp, h: _bad(tmp, _tiny), ["--split-by", "group"], "g1"),
         ("bad --set", lambda tmp, h: h, ["--set", "train.nonsense=3"], "nonsense"),
         ("bad solver option", lambda tmp, h: h, ["--set", "solver.lr_typo=3"], "lr_typo"),
+        ("mistyped option value", lambda tmp, h: h, ["--set", "solver.inner_steps=ten"], "inner_steps"),
+        ("unknown device", lambda tmp, h: h, ["--device", "gpu"], "gpu"),
+        ("absent GPU", lambda tmp, h: h, ["--device", "cuda"] if not _has_cuda() else ["--device", "cuda:99"], "cuda"),
+        ("cpu with GPUs", lambda tmp, h: h, ["--device", "cpu", "--gpus-per-worker", "1"], "cpu"),
+        ("bad select-on value", lambda tmp, h: h, ["--set", "data.select_on=train"], "select_on"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(case, make, args, needle, h5ad, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_2(case, make, args, needle, h5ad, tmp_path, capsys, ray_session):
     path = make(tmp_path, h5ad)
     base = {"--data": str(path), "--condition-key": "condition", "--control": "control"}
     for flag, value in zip(args[::2], args[1::2]):
@@ -74,11 +85,18 @@ def test_demo_metrics_and_predict(ray_session, tmp_path, capsys):
     assert main(["metrics", "--run", str(out), "--format", "csv"]) == 0
     csv = capsys.readouterr().out.splitlines()
     assert csv[0] == "perturbation,metric,model,identity,observed" and len(csv) > 8
-    assert main(["evaluate", "--run", str(out), "--bootstrap", "2"]) == 0
     from engine.api import FitResult
 
-    boot = FitResult.load(out).metrics(metric="mmd_boot_mean")
-    assert set(boot["split"]) == {"test", "test_identity", "test_observed"} and boot["value"].notna().all()
+    trained = FitResult.load(out).metrics().set_index(["perturbation", "split", "metric", "step"])["value"]
+    assert main(["evaluate", "--run", str(out), "--bootstrap", "2"]) == 0
+    evaluated = FitResult.load(out).metrics().set_index(["perturbation", "split", "metric", "step"])["value"]
+    boot = evaluated[evaluated.index.get_level_values("metric") == "mmd_boot_mean"]
+    assert set(boot.index.get_level_values("split")) == {"test", "test_identity", "test_observed"}
+    assert boot.notna().all()
+    # evaluate rewrites the training run's final rows with the same values (seeded per map)
+    final = trained[trained.index.get_level_values("split").str.startswith("test")]
+    assert len(final) > 0
+    np.testing.assert_allclose(evaluated.loc[final.index].to_numpy(), final.to_numpy(), rtol=1e-5, atol=1e-7)
     capsys.readouterr()
     assert main(["runs", "--root", str(tmp_path)]) == 0
     assert "finished" in capsys.readouterr().out

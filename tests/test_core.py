@@ -25,7 +25,7 @@ import torch
 from engine.metrics.distances import l2_uvp as metric_l2_uvp
 from engine.ot.gaussian import bures_map
 from engine.solvers import build_solver
-from engine.solvers.base import StackSolver
+from engine.solvers.base import Phase, StackSolver
 from engine.train.loop import StackOutcome, TrainConfig, train_stack, validation_mmd
 from engine.train.stack_data import StackData, map_seed
 
@@ -79,10 +79,13 @@ def make_data(arrays, seeds, batch_size: int = 64) -> StackData:
     return StackData(*arrays, seeds=list(seeds), batch_size=batch_size)
 
 
+TRAIN = Phase("train", 10**9)  # the phase CellOT's one-phase plan hands to train_step
+
+
 def make_cellot(data: StackData, seeds, **params) -> StackSolver:
     solver = build_solver("cellot", data.n_maps, data.dim, params)
     solver.initialize(data, seeds)
-    solver.optimizers = solver.build_optimizers()
+    solver.start_training(solver.plan(solver.config, TRAIN.steps))
     return solver
 
 
@@ -178,9 +181,9 @@ def test_stacked_training_equals_one_at_a_time_float64(init):
         solver = build_solver("cellot", len(maps), data.dim, {"init": init})
         solver.initialize(data, [seeds[k] for k in maps])
         solver.double()
-        solver.optimizers = solver.build_optimizers()
+        solver.start_training(solver.plan(solver.config, 50))
         for step in range(50):
-            solver.train_step(data, step)
+            solver.train_step(data, step, TRAIN)
         return solver.snapshot()
 
     stacked = train([0, 1, 2])
@@ -215,8 +218,8 @@ def test_stack_step_equals_one_at_a_time(init):
     for step in range(50):
         for k, (data_k, solver) in enumerate(alone):
             sync_map(stack, k, solver)
-            solver.train_step(data_k, step)
-        stack.train_step(data, step)
+            solver.train_step(data_k, step, TRAIN)
+        stack.train_step(data, step, TRAIN)
         stacked_state, stacked_adam = stack.snapshot(), adam_moments(stack)
         for k, (data_k, solver) in enumerate(alone):
             assert data_k.draws == data.draws
@@ -270,7 +273,7 @@ def test_f_stays_convex(init):
     data = make_data(arrays, seeds)
     solver = make_cellot(data, seeds, init=init, lr=1e-3, inner_steps=FEW_INNER)
     for step in range(100):
-        solver.train_step(data, step)
+        solver.train_step(data, step, TRAIN)
     for layer in solver.f.hidden_layers:
         assert bool((layer.weight >= 0).all())
     assert sum(int((layer.weight == 0).sum()) for layer in solver.f.hidden_layers) > 0  # the clamp was active
@@ -345,7 +348,7 @@ def cellot_l2_uvp(init: str, steps: int, contracting: bool = False) -> tuple[flo
     solver = make_cellot(data, seeds, init=init)
     start = l2_uvp(solver, fresh, true_a, true_b, cov_t).item()
     for step in range(steps):
-        solver.train_step(data, step)
+        solver.train_step(data, step, TRAIN)
     return start, l2_uvp(solver, fresh, true_a, true_b, cov_t).item()
 
 
@@ -382,7 +385,7 @@ def test_identity_init_cellot_learns_an_expanding_map():
     error = lambda: metric_l2_uvp(solver.transport(x).cells[0], 2 * x[0], 8.0)  # noqa: E731 (tr Cov = 2 * 4)
     start = error()
     for step in range(500):
-        solver.train_step(data, step)
+        solver.train_step(data, step, TRAIN)
     assert error() < start / 4, (start, error())
 
 
@@ -401,8 +404,8 @@ def test_diverged_map_is_frozen_at_best_and_others_unaffected():
         if corrupt:
             train_step = solver.train_step
 
-            def corrupted(data_, step):
-                logs = train_step(data_, step)
+            def corrupted(data_, step, phase):
+                logs = train_step(data_, step, phase)
                 if step == 20:  # the 21st step; its loss is finite, step 21's is NaN
                     with torch.no_grad():
                         for p in solver.g.parameters():

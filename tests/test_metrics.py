@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import ot
 import pytest
@@ -171,6 +173,14 @@ def test_knn_enrichment():
     assert float(chunked) == float(knn_enrichment(_cloud(70, 2, 0), _cloud(50, 2, 1), k=10))
 
 
+def test_knn_enrichment_rejects_k_that_covers_the_union():
+    pred, obs = _cloud(3, 2, 0), _cloud(3, 2, 1, shift=100.0)
+    assert float(knn_enrichment(pred, obs, k=4)) == pytest.approx(0.5)  # k = n + m - 2: the largest allowed
+    for k in (0, 5, 50):  # k = n + m - 1 would give (n - 1) / (n + m - 1) = 0.4 for any cells
+        with pytest.raises(ValueError, match="1 <= k <= 4"):
+            knn_enrichment(pred, obs, k=k)
+
+
 def test_ground_truth_metrics():
     x = _cloud(100, 3, 0)
     t_star = x + 1.0
@@ -180,6 +190,7 @@ def test_ground_truth_metrics():
     assert float(cosine(x - t_star, t_star - x)) == pytest.approx(-1.0)
 
 
+SPLITS = ("test", "test_identity", "test_observed")
 NAMES = {"mmd", "mmd50", "l2_means", "r_means", "r2_means", "energy", "sinkhorn_div_eps0.01", "knn_enrich50"}
 
 
@@ -227,3 +238,65 @@ def test_evaluate_map_options():
     assert table["test", "l2_means"] == pytest.approx(float(l2_means(full["pred"], full["target_test"])), rel=1e-6)
     assert rows != evaluate_map(**cells, features=np.array([0, 2, 5]), pred_weights=weights, bootstrap=3,
                                 seed=2, knn=False, sinkhorn=False, max_cells=100)
+
+
+def _table(rows: list[MetricRow]) -> dict[tuple[str, str], float]:
+    return {(r.split, r.metric): r.value for r in rows}
+
+
+def test_evaluate_map_splits_do_not_depend_on_options_or_on_the_other_splits():
+    """Each (population, purpose) has its own random stream: train (no bootstrap) and evaluate agree."""
+    cells = _populations(scale=2)
+    base = _table(evaluate_map(**cells, seed=5, max_cells=150))  # every population subsampled
+    assert all(math.isfinite(v) for v in base.values())
+    weights = np.random.default_rng(1).uniform(0.5, 2.0, len(cells["pred"]))
+    variants = [  # (options, the metrics they drop)
+        ({"bootstrap": 10}, set()),
+        ({"sinkhorn": False}, {"sinkhorn_div_eps0.01"}),
+        ({"knn": False}, {"knn_enrich50"}),
+        ({"bootstrap": 10, "knn": False, "sinkhorn": False, "pred_weights": weights},
+         {"sinkhorn_div_eps0.01", "knn_enrich50"}),
+    ]
+    boots = []
+    for options, dropped in variants:
+        table = _table(evaluate_map(**cells, seed=5, max_cells=150, **options))
+        shared = {key for key in table if key in base}
+        assert {m for _, m in shared} == NAMES - dropped, options
+        assert {key: table[key] for key in shared} == {key: base[key] for key in shared}, options
+        if "bootstrap" in options:
+            boots.append({key: v for key, v in table.items() if "_boot_" in key[1]})
+    assert len(boots[0]) == 3 * 4 and boots[0] == boots[1]
+    # another prediction changes the model's rows only
+    moved = _table(evaluate_map(**{**cells, "pred": cells["pred"] + 1.0}, seed=5, max_cells=150))
+    assert moved["test", "mmd"] != base["test", "mmd"]
+    assert {k: v for k, v in moved.items() if k[0] != "test"} == {k: v for k, v in base.items() if k[0] != "test"}
+
+
+def test_evaluate_map_seed_decides_the_subsamples():
+    cells = _populations(scale=2)
+    options = {"sinkhorn": False, "max_cells": 120}
+    rows = _table(evaluate_map(**cells, seed=0, **options))
+    assert rows == _table(evaluate_map(**cells, seed=0, **options))
+    other = _table(evaluate_map(**cells, seed=1, **options))
+    for split in SPLITS:
+        for metric in ("mmd", "mmd50", "energy", "knn_enrich50"):  # on subsamples of 120 cells
+            assert other[split, metric] != rows[split, metric], (split, metric)
+        for metric in ("l2_means", "r_means"):  # on every cell
+            assert other[split, metric] == rows[split, metric], (split, metric)
+
+
+def test_evaluate_map_knn_enrichment_needs_2k_cells_per_side():
+    rng = np.random.default_rng(0)
+    cloud = lambda n, shift=0.0: rng.normal(size=(n, 5)) + shift  # noqa: E731
+    small = _table(evaluate_map(cloud(30, 1.0), cloud(30, 1.0), cloud(30), cloud(30, 1.0), seed=0))
+    for split in SPLITS:  # 30 cells per side: k = 50 would cover the union, the value (n-1)/(2n-1) for all
+        assert math.isnan(small[split, "knn_enrich50"]), split
+        assert all(math.isfinite(v) for (s, m), v in small.items() if s == split and m != "knn_enrich50")
+    pred, target, source, train = cloud(100, 1.0), cloud(100, 1.0), cloud(110), cloud(150, 1.0)
+    large = _table(evaluate_map(pred, target, source, train, seed=0, sinkhorn=False))
+    assert all(math.isfinite(v) for v in large.values())
+    assert large["test", "knn_enrich50"] < 0.6 < large["test_identity", "knn_enrich50"]
+    below = _table(evaluate_map(pred[:99], target, source, train, seed=0, sinkhorn=False))
+    assert math.isnan(below["test", "knn_enrich50"])  # 99 < 2k predicted cells
+    for split in ("test_identity", "test_observed"):
+        assert below[split, "knn_enrich50"] == large[split, "knn_enrich50"]

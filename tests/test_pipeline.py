@@ -1,6 +1,8 @@
 """End to end on local Ray: synthetic h5ad -> stacked CellOT on 2 workers -> store, predictions, API."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,20 @@ def test_final_metrics_have_model_and_baselines(trained):
     assert len(table) == 4 and np.isfinite(table.to_numpy()).all()
     valid = result.metrics(split="valid", metric="mmd")
     assert sorted(valid["step"].unique()) == [0, 30, 60]
+
+
+def test_summary_and_the_selection_protocol_in_the_store(trained):
+    result, _, _ = trained
+    summary = result.summary()
+    assert list(summary.columns) == ["perturbation", "metric", "model", "identity", "observed"]
+    assert set(summary["perturbation"]) == {"g0/pert0", "g0/pert1", "g1/pert0", "g1/pert1"}
+    assert {"mmd", "mmd50", "l2_means", "energy"} <= set(summary["metric"])
+    assert result.succeeded()
+    store = Store(result.store_url)
+    runs = store.runs()
+    store.close()
+    config = json.loads(runs.loc[runs["run_id"] == result.run_id, "config_json"].item())
+    assert config["data"]["select_on"] == "valid" and config["data"]["valid_fraction"] == 0.1
 
 
 def test_predictions_file_and_predict(trained):

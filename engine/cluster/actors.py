@@ -50,7 +50,7 @@ class MetricsSink:
 
 
 class SinkReporter:
-    """engine.train.maps.Reporter over a MetricsSink handle (rows are confirmed, progress is not)."""
+    """engine.train.worker.Reporter over a MetricsSink handle (rows are confirmed, progress is not)."""
 
     def __init__(self, sink: ray.actor.ActorHandle) -> None:
         self._sink = sink

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
-from pathlib import Path
 from typing import Callable
 
 import ray
@@ -19,7 +17,10 @@ from ray.train.torch import TorchTrainer
 from engine.cluster.actors import MetricsSink, ShardStore, SinkReporter
 from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
-from engine.train.maps import MapRun, stack_id, train_maps
+from engine.rundir import RunDir
+from engine.solvers import solver_class
+from engine.train.stack import stack_id, stacks_of
+from engine.train.worker import MapRun, train_maps
 
 
 def balance(maps: list[MapKey], weights: list[int], workers: int) -> list[list[MapKey]]:
@@ -31,12 +32,6 @@ def balance(maps: list[MapKey], weights: list[int], workers: int) -> list[list[M
         owned[w].append(key)
         loads[w] += weight
     return [sorted(keys, key=lambda k: k.name) for keys in owned]
-
-
-def stacks_of(assignments: list[list[MapKey]], stack_size: int) -> list[str]:
-    return [
-        stack_id(keys[i : i + stack_size]) for keys in assignments for i in range(0, len(keys), max(1, stack_size))
-    ]
 
 
 def train_worker(loop_config: dict) -> None:
@@ -53,7 +48,7 @@ def train_worker(loop_config: dict) -> None:
         (k.group or "", condition, split)
         for k in keys
         for condition in (control, k.perturbation)
-        for split in ("train", "test")
+        for split in layout.spec.splits
     ]
     refs = ray.get(shards.tables.remote(sorted(set(wanted))))
     tables = dict(zip(refs, ray.get(list(refs.values()))))
@@ -64,13 +59,13 @@ def train_worker(loop_config: dict) -> None:
         torch.set_num_threads(1)
         device = torch.device("cpu")
     reporter = SinkReporter(ray.get_actor(loop_config["sink"]))
-    train_maps(MapRun(prepared, config, Path(loop_config["run_dir"]), reporter, device, loop_config["run_id"]), keys)
+    train_maps(MapRun(prepared, config, RunDir(loop_config["run_dir"]), reporter, device, loop_config["run_id"]), keys)
 
 
 def run_training(
     config: RunConfig,
     prepared: PreparedData,
-    run_dir: Path,
+    run_dir: RunDir,
     run_id: str,
     store_url: str,
     on_progress: Callable[[int, int, int, int], None] | None = None,
@@ -78,12 +73,18 @@ def run_training(
     """Start the shard store and metrics sink, run ONE TorchTrainer fit, report progress while it runs.
 
     on_progress(done_steps, total_steps, done_stacks, n_stacks) is called about twice a second.
+    A shared solver (one model over all contexts) is trained by one worker as one stack; its
+    data-parallel training arrives with CondOT.
     """
-    workers = max(1, min(config.cluster.workers, len(prepared.maps)))
+    cls = solver_class(config.solver)
+    workers = 1 if cls.shared else max(1, min(config.cluster.workers, len(prepared.maps)))
     assignments = balance(prepared.maps, [prepared.n_cells(k) for k in prepared.maps], workers)
-    stacks = stacks_of(assignments, config.train.stack_size)
-    steps_per_stack = config.train.steps
-    shards = ShardStore.options(name=f"perturbot-shards-{run_id}").remote(str(run_dir / "data"))
+    stack_size = len(prepared.maps) if cls.shared else config.train.stack_size
+    if cls.shared:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, stack_size=stack_size))
+    stacks = [stack_id(chunk) for keys in assignments for chunk in stacks_of(keys, stack_size)]
+    steps_per_stack = cls.plan(config.solver_config(), config.train.steps).total
+    shards = ShardStore.options(name=f"perturbot-shards-{run_id}").remote(str(run_dir.data))
     sink = MetricsSink.options(name=f"perturbot-sink-{run_id}").remote(store_url)
     ray.get(shards.layout.remote())  # surface data-loading errors before the fit
     use_gpu = config.cluster.gpus_per_worker > 0
@@ -95,13 +96,13 @@ def run_training(
             "assignments": [[tuple(k) for k in keys] for keys in assignments],
             "shards": f"perturbot-shards-{run_id}",
             "sink": f"perturbot-sink-{run_id}",
-            "run_dir": str(run_dir.resolve()),
+            "run_dir": str(run_dir.root.resolve()),
             "run_id": run_id,
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(
             name=run_id,
-            storage_path=str((run_dir / "ray").resolve()),
+            storage_path=str(run_dir.ray_storage),
             failure_config=FailureConfig(max_failures=2),
         ),
     )

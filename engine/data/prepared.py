@@ -1,6 +1,7 @@
 """AnnData -> PreparedData: validated, preprocessed, split and embedded cells in Arrow tables.
 
-One table per (group, condition, split): ``cell`` (obs name), ``x`` (fixed_size_list<float32>[dim],
+One table per (group, condition, split), for every split in ``spec.splits`` (train, valid, test; or
+train, test when ``spec.select_on == "test"``): ``cell`` (obs name), ``x`` (fixed_size_list<float32>[dim],
 training space) and, when embedded, ``x_data`` (fixed_size_list<float32>[n_features], data space
 after preprocessing). Tables are read back as numpy views without a copy.
 """
@@ -22,10 +23,9 @@ from engine.data.io import aligned_features, feature_matrix
 from engine.data.markers import rank_markers
 from engine.data.preprocess import Preprocessing
 from engine.data.spec import DataError, DataSpec, MapKey, name_some, pca_components
-from engine.data.split import pair_indices, split_test_cells
+from engine.data.split import SPLITS, TRAIN, pair_indices, split_cells
 
-SPLITS = ("train", "test")
-FORMAT = 1
+FORMAT = 2  # 2: valid split and DataSpec.select_on; format 1 had train/test tables only
 
 
 def _fixed_size_lists(x: np.ndarray) -> pa.FixedSizeListArray:
@@ -128,6 +128,8 @@ class PreparedData:
         if not (directory / "meta.json").is_file():
             raise DataError(f"no prepared data in {directory} (meta.json missing)")
         meta = json.loads((directory / "meta.json").read_text())
+        if meta.get("format", 1) == 1:  # made before the valid split: train/test only, selected on test
+            meta["spec"] = {**meta["spec"], "select_on": "test"}
         spec = DataSpec.from_dict(meta["spec"])
         maps = [MapKey(group, perturbation) for group, perturbation in meta["maps"]]
         tables = {
@@ -193,14 +195,16 @@ def _check_counts(used: list[tuple[str, str]], pairs: dict[tuple[str, str], np.n
 
 
 def _check_splits(
-    used: list[tuple[str, str]], pairs: dict[tuple[str, str], np.ndarray], is_test: np.ndarray, spec: DataSpec
+    used: list[tuple[str, str]], pairs: dict[tuple[str, str], np.ndarray], codes: np.ndarray, spec: DataSpec
 ) -> None:
+    """Every split of ``spec.splits`` has cells in every used (group, condition), else a DataError."""
     for g, c in used:
-        n_test = int(is_test[pairs[(g, c)]].sum())
-        n_train = len(pairs[(g, c)]) - n_test
-        if n_test == 0 or n_train == 0:
+        counts = np.bincount(codes[pairs[(g, c)]], minlength=len(SPLITS))
+        n = {split: int(counts[SPLITS.index(split)]) for split in spec.splits}
+        if min(n.values()) == 0:
+            parts = [f"{count} {split}" for split, count in n.items()]
             raise DataError(
-                f"empty split: {_where(spec, g, c)} has {n_train} train and {n_test} test cells"
+                f"empty split: {_where(spec, g, c)} has {', '.join(parts[:-1])} and {parts[-1]} cells"
                 + (f" with holdout {spec.holdout[0]}={spec.holdout[1]!r}" if spec.holdout else "")
             )
 
@@ -228,8 +232,10 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
 
     Maps: every (group, perturbation) present, with the control cells of the same group (one group
     when ``spec.split_by`` is None). Only the cells of the maps' (group, condition) pairs are kept.
-    The preprocessing is fitted on control train cells, the PCA on all train cells, the markers on
-    the train cells of each map (data space). Every bad input is a one-line DataError.
+    Cells are split per (group, condition) into ``spec.splits`` (engine.data.split). The preprocessing
+    is fitted on control train cells, the PCA on all train cells, the markers on the train cells of
+    each map (data space): valid and test cells never influence them. Every bad input is a one-line
+    DataError.
     """
     if not adata.obs_names.is_unique:
         repeated = adata.obs_names[adata.obs_names.duplicated()].unique()
@@ -257,9 +263,10 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     conditions, groups = conditions[rows], groups[rows]
     pairs = pair_indices(groups, conditions)
     held_out = None if holdout is None else holdout[rows]
-    is_test = split_test_cells(pairs, len(rows), spec.test_fraction, spec.seed, held_out)
-    _check_splits(used, pairs, is_test, spec)
-    train = ~is_test
+    valid_fraction = spec.valid_fraction if "valid" in spec.splits else 0.0
+    codes = split_cells(pairs, len(rows), spec.test_fraction, valid_fraction, spec.seed, held_out)
+    _check_splits(used, pairs, codes, spec)
+    train = codes == TRAIN
 
     preprocessing = Preprocessing.fit(spec.preprocess, x, train & (conditions == spec.control))
     x_data = preprocessing(x)
@@ -267,9 +274,9 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     x_model = x_data if embedding is None else embedding.encode(x_data)
 
     rows_of = {
-        (g, c, split): pairs[(g, c)][in_split[pairs[(g, c)]]]
+        (g, c, split): pairs[(g, c)][codes[pairs[(g, c)]] == SPLITS.index(split)]
         for g, c in used
-        for split, in_split in zip(SPLITS, (train, is_test))
+        for split in spec.splits
     }
     markers = {
         key.name: rank_markers(

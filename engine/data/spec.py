@@ -8,14 +8,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from engine.options import DataError, parse_options
+
 PREPROCESSING = ("none", "log1p_normalize", "qscale_log1p", "arcsinh5")
+SELECT_ON = ("valid", "test")
 
 
-class DataError(ValueError):
-    """Bad input data or spec; ``str(err)`` is one line naming the offending thing."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).splitlines()))
 
 
 def name_some(items: list[str], limit: int = 5) -> str:
@@ -61,6 +59,8 @@ class DataSpec:
     embed: str | None = None  # "pca:K": train in a K-dim PCA latent
     obsm_key: str | None = None  # features from adata.obsm[key] instead of X
     test_fraction: float = 0.2  # per (group, condition), without holdout
+    valid_fraction: float = 0.1  # per (group, condition): the valid split (select_on="valid" only)
+    select_on: str = "valid"  # where each map's best state is picked: "valid", or "test" (CellOT's protocol)
     min_cells: int = 30  # per (group, condition) used by a map
     markers: int = 50  # marker features per map (|Welch t|)
     seed: int = 0  # split seed
@@ -79,23 +79,30 @@ class DataSpec:
         pca_components(self.embed)
         if not 0.0 < self.test_fraction < 1.0:
             raise DataError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        if self.select_on not in SELECT_ON:
+            raise DataError(f"unknown select_on {self.select_on!r}; expected one of {', '.join(SELECT_ON)}")
+        if self.select_on == "valid":
+            if not 0.0 < self.valid_fraction < 1.0:
+                raise DataError(f"valid_fraction must be in (0, 1), got {self.valid_fraction!r}")
+            if self.test_fraction + self.valid_fraction >= 1.0:
+                raise DataError(
+                    f"test_fraction + valid_fraction must be < 1, got {self.test_fraction!r} + {self.valid_fraction!r}"
+                )
         for name in ("min_cells", "markers"):
             if int(getattr(self, name)) < 1:
                 raise DataError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if int(self.seed) < 0:
             raise DataError(f"seed must be >= 0, got {self.seed!r}")
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits made: ("train", "valid", "test"), or ("train", "test") when select_on == "test"."""
+        return ("train", "valid", "test") if self.select_on == "valid" else ("train", "test")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
-        """Build from a json/yaml mapping (lists become tuples); unknown or missing keys are a DataError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise DataError(f"unknown data spec keys: {', '.join(map(repr, unknown))}")
-        missing = [k for k in ("condition_key", "control") if k not in d]
-        if missing:
-            raise DataError(f"data spec is missing {', '.join(map(repr, missing))}")
-        return cls(**d)
+        """Build from a json/yaml mapping (typed: lists become tuples); bad keys or values are a DataError."""
+        return parse_options(cls, d, "data spec")
 
     def to_dict(self) -> dict[str, Any]:
         """A json/yaml-safe mapping (tuples become lists) that ``from_dict`` turns back into this spec."""

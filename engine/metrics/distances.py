@@ -153,9 +153,13 @@ def knn_enrichment(pred: Tensor, obs: Tensor, k: int = 50, chunk: int = 1024) ->
     Neighbours are searched in ``pred ∪ obs`` with the query cell itself excluded (CellOT, Bunne et
     al. 2023). With equal sizes, 0.5 means perfectly mixed and 1 fully separated. ``pred [n, d]``,
     ``obs [m, d]`` -> 0-dim tensor; query rows are processed ``chunk`` at a time.
+
+    Raises ValueError unless ``1 <= k <= n + m - 2``: at k = n + m - 1 every other cell is a neighbour
+    and the value is (n - 1) / (n + m - 1) whatever the cells (`evaluate_map` asks for n = m >= 2k).
     """
     union = torch.cat([pred, obs])
-    k = min(k, union.shape[0] - 1)
+    if not 1 <= k <= union.shape[0] - 2:
+        raise ValueError(f"knn_enrichment needs 1 <= k <= {union.shape[0] - 2} for {union.shape[0]} cells, got k={k}")
     hits = 0
     for start in range(0, pred.shape[0], chunk):
         query = pred[start : start + chunk]

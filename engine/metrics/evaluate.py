@@ -8,6 +8,7 @@ unchanged (the upper bound on error), ``test_observed`` the training perturbed c
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -25,9 +26,14 @@ from engine.metrics.distances import (
 )
 
 SINKHORN_EPS = 0.01
+KNN_K = 50
 BOOTSTRAP_METRICS = ("mmd", "l2_means")
 BOOTSTRAP_SIZES = (100, 1500)
 """CellOT's bootstrap: each repeat draws a subsample size uniformly in 100..1500 cells."""
+
+POPULATIONS = ("target_test", "test", "test_identity", "test_observed")
+PURPOSES = ("sample", "knn", "bootstrap")
+"""A random stream per (seed, population, purpose), seeded by the two indices in these tuples (`_rng`)."""
 
 
 class MetricRow(NamedTuple):
@@ -38,6 +44,12 @@ class MetricRow(NamedTuple):
     value: float
 
 
+def _rng(seed: int, population: str, purpose: str) -> np.random.Generator:
+    """``default_rng([seed, population index, purpose index])``: independent of every other stream, so a
+    population's metrics depend on (seed, its cells, the target cells) only, whatever else is computed."""
+    return np.random.default_rng([seed, POPULATIONS.index(population), PURPOSES.index(purpose)])
+
+
 def _subsample(n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
     """Sorted indices of at most ``size`` of ``n`` rows, drawn without replacement (all when n <= size)."""
     if n <= size:
@@ -45,19 +57,9 @@ def _subsample(n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(np.sort(rng.choice(n, size, replace=False)))
 
 
-def _scores(
-    cells: torch.Tensor,
-    target: torch.Tensor,
-    cells_sample: torch.Tensor,
-    target_sample: torch.Tensor,
-    knn: bool,
-    sinkhorn: bool,
-    rng: np.random.Generator,
-) -> dict[str, float]:
-    """Every unweighted metric of ``cells`` against ``target``; the O(n^2) ones on the subsamples.
-
-    kNN enrichment compares equal-size random subsets of the two subsamples, so 0.5 means mixed.
-    """
+def _scores(cells: torch.Tensor, target: torch.Tensor, cells_sample: torch.Tensor, target_sample: torch.Tensor,
+            sinkhorn: bool) -> dict[str, float]:
+    """Every unweighted metric but kNN of ``cells`` against ``target``; the O(n^2) ones on the subsamples."""
     r = float(r_means(cells, target))
     scores = {
         "mmd": float(mmd(cells_sample, target_sample, MMD_GAMMAS)),
@@ -69,12 +71,21 @@ def _scores(
     }
     if sinkhorn:
         scores[f"sinkhorn_div_eps{SINKHORN_EPS:g}"] = sinkhorn_divergence(cells_sample, target_sample, SINKHORN_EPS)
-    if knn:
-        n = min(len(cells_sample), len(target_sample))
-        pred_knn = cells_sample[_subsample(len(cells_sample), n, rng)]
-        obs_knn = target_sample[_subsample(len(target_sample), n, rng)]
-        scores["knn_enrich50"] = float(knn_enrichment(pred_knn, obs_knn, k=50))
     return scores
+
+
+def _knn_score(cells: torch.Tensor, target: torch.Tensor, rng: np.random.Generator) -> float:
+    """kNN enrichment (k = ``KNN_K``) of random subsets of n = min(sizes) cells each, so 0.5 means mixed.
+
+    Not computable (NaN) when n < 2k: the k neighbours then cover a large part of the union, and as k
+    nears 2n - 1 the value tends to (n - 1) / (2n - 1) whatever the populations.
+    """
+    n = min(len(cells), len(target))
+    if n < 2 * KNN_K:
+        return math.nan
+    pred = cells[_subsample(len(cells), n, rng)]
+    obs = target[_subsample(len(target), n, rng)]
+    return float(knn_enrichment(pred, obs, k=KNN_K))
 
 
 def _bootstrap(
@@ -115,20 +126,20 @@ def evaluate_map(
     (the map's markers). Per split: ``mmd`` (6 gammas), ``mmd50`` (50 gammas), ``l2_means``,
     ``r_means`` (Pearson r of the mean vectors), ``r2_means`` (its square), ``energy``,
     ``sinkhorn_div_eps0.01`` (when ``sinkhorn``), ``knn_enrich50`` (when ``knn``; on equal-size
-    subsets, 0.5 = mixed), and for ``test``
+    subsets, 0.5 = mixed; NaN, not computable, below 2k = 100 cells per side), and for ``test``
     ``mmd_weighted`` when ``pred_weights`` are given (NubOT). The means use every cell; the O(n^2)
     metrics use a seeded subsample of at most ``max_cells`` cells per population. ``bootstrap`` B > 0
     adds ``<metric>_boot_mean`` / ``_boot_std`` for mmd and l2_means over B random subsamples
-    (CellOT). Deterministic for a given ``seed``.
+    (CellOT). Deterministic: each (population, purpose) draws from its own stream of ``seed`` (`_rng`),
+    so a split's values do not depend on the other splits or on the options that add metrics.
     """
-    rng = np.random.default_rng(seed)
 
     def cells_of(array: np.ndarray) -> torch.Tensor:
         array = np.asarray(array, dtype=np.float64)
         return torch.from_numpy(array if features is None else array[:, features])
 
     target = cells_of(target_test)
-    target_sample = target[_subsample(len(target), max_cells, rng)]
+    target_sample = target[_subsample(len(target), max_cells, _rng(seed, "target_test", "sample"))]
     populations = {
         "test": cells_of(pred),
         "test_identity": cells_of(source_test),
@@ -136,13 +147,15 @@ def evaluate_map(
     }
     rows: list[MetricRow] = []
     for split, cells in populations.items():
-        keep = _subsample(len(cells), max_cells, rng)
+        keep = _subsample(len(cells), max_cells, _rng(seed, split, "sample"))
         cells_sample = cells[keep]
-        scores = _scores(cells, target, cells_sample, target_sample, knn, sinkhorn, rng)
+        scores = _scores(cells, target, cells_sample, target_sample, sinkhorn)
+        if knn:
+            scores[f"knn_enrich{KNN_K}"] = _knn_score(cells_sample, target_sample, _rng(seed, split, "knn"))
         if split == "test" and pred_weights is not None:
             weights = torch.from_numpy(np.asarray(pred_weights, dtype=np.float64))[keep]
             scores["mmd_weighted"] = float(mmd(cells_sample, target_sample, MMD_GAMMAS, x_weights=weights))
         if bootstrap > 0:
-            scores.update(_bootstrap(cells, target, bootstrap, rng))
+            scores.update(_bootstrap(cells, target, bootstrap, _rng(seed, split, "bootstrap")))
         rows += [MetricRow(split, name, value) for name, value in scores.items()]
     return rows

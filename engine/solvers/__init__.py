@@ -16,10 +16,13 @@ def solver_class(name: str) -> type[StackSolver]:
     return SOLVERS[name]
 
 
-def build_solver(name: str, n_maps: int, dim: int, params: dict[str, Any] | None = None) -> StackSolver:
-    """Instantiate solver `name` for a stack of n_maps maps in dimension dim (on CPU)."""
+def build_solver(
+    name: str, n_maps: int, dim: int, params: dict[str, Any] | None = None, context_dim: int = 0
+) -> StackSolver:
+    """Instantiate solver `name` for a stack of n_maps maps in dimension dim, with contexts of
+    context_dim features (0: none), on CPU."""
     cls = solver_class(name)
-    return cls(n_maps, dim, make_config(cls.Config, params or {}))
+    return cls(n_maps, dim, make_config(cls.Config, params or {}), context_dim)
 
 
 __all__ = ["SOLVERS", "StackSolver", "Transport", "build_solver", "solver_class"]

@@ -36,25 +36,29 @@ class Baseline(StackSolver):
 
 
 class Identity(Baseline):
+    """Baseline T(x) = x: control cells unchanged (the upper bound on error)."""
+
     name = "identity"
 
-    def transport(self, x: torch.Tensor, context: Any = None) -> Transport:
+    def transport(self, x: torch.Tensor, context: torch.Tensor | None = None) -> Transport:
         return Transport(x.clone())
 
 
 class AffineBaseline(Baseline):
     """T(x) = x A + b with per-map A [K, d, d] and b [K, 1, d] set from training moments."""
 
-    def __init__(self, n_maps: int, dim: int, config: Any) -> None:
-        super().__init__(n_maps, dim, config)
+    def __init__(self, n_maps: int, dim: int, config: Any, context_dim: int = 0) -> None:
+        super().__init__(n_maps, dim, config, context_dim)
         self.register_buffer("matrix", torch.eye(dim).repeat(n_maps, 1, 1))
         self.register_buffer("shift", torch.zeros(n_maps, 1, dim))
 
-    def transport(self, x: torch.Tensor, context: Any = None) -> Transport:
+    def transport(self, x: torch.Tensor, context: torch.Tensor | None = None) -> Transport:
         return Transport(torch.baddbmm(self.shift, x, self.matrix))
 
 
 class MeanShift(AffineBaseline):
+    """Baseline T(x) = x + (mean_t - mean_s) of the training cells."""
+
     name = "mean_shift"
 
     @torch.no_grad()
@@ -64,6 +68,8 @@ class MeanShift(AffineBaseline):
 
 
 class GaussianMap(AffineBaseline):
+    """Baseline T(x) = x A + b: the closed-form Bures map between Gaussian fits of the training cells."""
+
     name = "gaussian"
 
     @torch.no_grad()
@@ -74,11 +80,13 @@ class GaussianMap(AffineBaseline):
 
 
 class Observed(Baseline):
+    """Baseline: training perturbed cells, one per input cell (the noise floor)."""
+
     name = "observed"
     Config = ObservedConfig
 
-    def __init__(self, n_maps: int, dim: int, config: ObservedConfig) -> None:
-        super().__init__(n_maps, dim, config)
+    def __init__(self, n_maps: int, dim: int, config: ObservedConfig, context_dim: int = 0) -> None:
+        super().__init__(n_maps, dim, config, context_dim)
         self.register_buffer("cells", torch.zeros(n_maps, config.max_cells, dim))
         self.register_buffer("counts", torch.ones(n_maps, 1, dtype=torch.int64))
 
@@ -89,7 +97,7 @@ class Observed(Baseline):
             self.cells[k, : len(cells)] = cells.cpu()
             self.counts[k] = len(cells)
 
-    def transport(self, x: torch.Tensor, context: Any = None) -> Transport:
+    def transport(self, x: torch.Tensor, context: torch.Tensor | None = None) -> Transport:
         rows = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         index = mix32(rows) % self.counts
         return Transport(torch.gather(self.cells, 1, index.unsqueeze(-1).expand(-1, -1, self.dim)))

@@ -13,13 +13,11 @@ CondOT (Bunne et al. 2022); `init="uniform"` is CellOT's exact initialisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from engine.nn.icnn import StackedICNN
 from engine.ot.gaussian import COVARIANCE_RIDGE, bures_map
-from engine.solvers.base import StackSolver, Transport
+from engine.solvers.base import Phase, StackSolver, Transport
 from engine.train.stack_data import StackData
 
 
@@ -37,12 +35,14 @@ class CellOTConfig:
 
 
 class CellOT(StackSolver):
+    """W2 maps T = grad g: two input-convex networks trained min-max (Makkuva et al. 2020, CellOT)."""
+
     name = "cellot"
     Config = CellOTConfig
     published_steps = 100_000
 
-    def __init__(self, n_maps: int, dim: int, config: CellOTConfig) -> None:
-        super().__init__(n_maps, dim, config)
+    def __init__(self, n_maps: int, dim: int, config: CellOTConfig, context_dim: int = 0) -> None:
+        super().__init__(n_maps, dim, config, context_dim)
         quadratic = config.init != "uniform"
         self.f = StackedICNN(n_maps, dim, config.hidden, config.negative_slope, quadratic)
         self.g = StackedICNN(n_maps, dim, config.hidden, config.negative_slope, quadratic)
@@ -78,7 +78,7 @@ class CellOT(StackSolver):
             p.grad = grad
         optimizer.step()
 
-    def train_step(self, data: StackData, step: int) -> dict[str, torch.Tensor]:
+    def train_step(self, data: StackData, step: int, phase: Phase) -> dict[str, torch.Tensor]:
         y = data.target_batch()
         for _ in range(self.config.inner_steps):
             x = data.source_batch().requires_grad_(True)
@@ -95,5 +95,5 @@ class CellOT(StackSolver):
             w2 = dual - f_y + 0.5 * ((x * x).sum(-1).mean(1) + (y * y).sum(-1).mean(1))
         return {"loss_g": loss_g.detach(), "loss_f": (f_y - f_t).detach(), "w2_estimate": w2}
 
-    def transport(self, x: torch.Tensor, context: Any = None) -> Transport:
+    def transport(self, x: torch.Tensor, context: torch.Tensor | None = None) -> Transport:
         return Transport(self.g.gradient(x).detach())

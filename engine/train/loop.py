@@ -1,10 +1,13 @@
-"""The device-level training loop over one stack of K maps (no Ray here).
+"""The device-level training loop over one stack (no Ray here).
 
-Per-map bookkeeping is done with masks over the map axis: every `eval_every` steps each map's
-validation MMD (6 gammas, on held-out cells) is computed, and each map keeps its best state
-(CellOT keeps its best-MMD checkpoint). A map whose losses turn NaN/inf is restored to its best
-state, frozen and marked diverged; the other maps go on. The whole stack (weights, optimizer
-state, best states, step, draw counter) checkpoints and resumes.
+The loop runs the solver's plan (engine.solvers.base.Plan), phase by phase. Every `eval_every` steps
+and at every phase end it computes each map's validation MMD (6 gammas, on the stack's validation
+cells, with the map's context); in phases that select, each unit (a map, or a shared model) keeps
+its best state (CellOT keeps its best-MMD checkpoint). A unit whose losses turn NaN/inf is restored
+to its best state, frozen and marked diverged (one that diverges before any selectable state keeps
+its initial state); the others go on. The whole stack (weights,
+optimizer and scheduler state, best states, step, draw counter, history) checkpoints and resumes
+exactly, also in the middle of a phase.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from engine.metrics.distances import MMD_GAMMAS, mmd
+from engine.options import DataError
 from engine.solvers.base import StackSolver
 from engine.train.checkpoint import load_checkpoint, save_checkpoint
 from engine.train.stack_data import StackData
@@ -25,14 +29,21 @@ from engine.train.stack_data import StackData
 class TrainConfig:
     """Training-loop settings shared by all solvers (solver constants live in the solver's Config)."""
 
-    steps: int = 2000  # outer steps; CellOT published 100k (`--published-steps`)
+    steps: int = 2000  # outer steps over all phases; CellOT published 100k (`--published-steps`)
     batch_size: int = 256
     eval_every: int = 250
-    eval_cells: int = 500  # held-out cells per map for the periodic validation MMD
+    eval_cells: int = 500  # validation cells per map for the periodic validation MMD
     checkpoint_every: int = 1000
     stack_size: int = 64  # maps trained as one stack
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_every", "eval_cells", "checkpoint_every", "stack_size"):
+            if getattr(self, name) < 1:
+                raise DataError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.seed < 0:
+            raise DataError(f"train.steps and train.seed must be >= 0, got {self.steps} and {self.seed}")
 
 
 @dataclass
@@ -51,14 +62,15 @@ EvalCallback = Callable[[int, dict[str, torch.Tensor]], None]
 
 
 class _Bookkeeping:
-    """Best states and divergence masks of a stack, all tensors with the map axis first."""
+    """Best states and divergence masks of a stack, one entry per selection unit."""
 
-    def __init__(self, solver: StackSolver, n_maps: int, device: torch.device) -> None:
+    def __init__(self, solver: StackSolver, device: torch.device) -> None:
+        units = solver.n_units
         self.best = solver.snapshot()
-        self.best_mmd = torch.full((n_maps,), float("inf"), device=device)
-        self.best_step = torch.zeros(n_maps, dtype=torch.int64, device=device)
-        self.diverged = torch.zeros(n_maps, dtype=torch.bool, device=device)
-        self.nonfinite = torch.zeros(n_maps, dtype=torch.bool, device=device)
+        self.best_mmd = torch.full((units,), float("inf"), device=device)
+        self.best_step = torch.zeros(units, dtype=torch.int64, device=device)
+        self.diverged = torch.zeros(units, dtype=torch.bool, device=device)
+        self.nonfinite = torch.zeros(units, dtype=torch.bool, device=device)
 
     def state(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("best", "best_mmd", "best_step", "diverged", "nonfinite")}
@@ -68,11 +80,40 @@ class _Bookkeeping:
             setattr(self, key, value)
 
 
+class _Window:
+    """Sums of the per-step logs since the last evaluation (their means are logged there)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for name, value in logs.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """The means since the last call; the window starts afresh."""
+        out = {name: total / self.count for name, total in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return out
+
+
 def validation_mmd(solver: StackSolver, data: StackData) -> torch.Tensor:
-    """MMD (6 gammas) between each map's transported held-out controls and its held-out perturbed cells."""
-    moved = solver.transport(data.valid_source.cells)
+    """MMD (6 gammas) per map [K] between its transported validation controls and validation targets."""
+    moved = solver.transport(data.valid_source.cells, data.contexts)
     source_weights = data.valid_source.weights if moved.weights is None else data.valid_source.weights * moved.weights
     return mmd(moved.cells, data.valid_target.cells, MMD_GAMMAS, source_weights, data.valid_target.weights)
+
+
+def _per_unit(solver: StackSolver, values: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Per-map values [K] (or a shared model's [1]) reduced to the solver's units."""
+    return reduce(values.reshape(1, -1)).reshape(1) if solver.shared else values
+
+
+def _per_map(solver: StackSolver, values: torch.Tensor) -> torch.Tensor:
+    """Per-unit values broadcast back to the K maps."""
+    return values.expand(solver.n_maps) if solver.shared else values
 
 
 def train_stack(
@@ -84,13 +125,18 @@ def train_stack(
     on_eval: EvalCallback | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> StackOutcome:
-    """Train the (initialised, on-device) solver's K maps; leave each map at its best state."""
+    """Train the (initialised, on-device) solver through its plan; leave each unit at its best state."""
     started = time.perf_counter()
-    book = _Bookkeeping(solver, data.n_maps, data.device)
-    steps = config.steps if solver.trainable else 0
-    start = _resume(checkpoint, solver, data, book) if checkpoint is not None and checkpoint.exists() else None
+    plan = solver.plan(solver.config, config.steps)
+    solver.start_training(plan)
+    book = _Bookkeeping(solver, data.device)
     history: list[dict[str, Any]] = []
+    window = _Window()
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        start, history = _resume(checkpoint, solver, data, book, window)
     any_diverged = bool(book.diverged.any())  # host copy: the per-step loop never waits on the device
+    ends = plan.ends()
 
     def evaluate(step: int, logs: dict[str, torch.Tensor]) -> None:
         nonlocal any_diverged
@@ -101,68 +147,71 @@ def train_stack(
             any_diverged = True
         with torch.enable_grad():
             value = validation_mmd(solver, data).detach()
-        improved = (value < book.best_mmd) & torch.isfinite(value) & ~book.diverged
-        if bool(improved.any()):
-            current = solver.snapshot()
-            for name, tensor in current.items():
-                select = improved.view(-1, *([1] * (tensor.dim() - 1)))
-                book.best[name] = torch.where(select, tensor, book.best[name])
-            book.best_mmd = torch.where(improved, value, book.best_mmd)
-            book.best_step = torch.where(improved, torch.full_like(book.best_step, step), book.best_step)
-        row = {"mmd": value, **logs}
-        history.append({"step": step, **{k: v.tolist() for k, v in row.items()}})
+        if plan.selects_at(step):
+            unit_value = _per_unit(solver, value, lambda v: v.mean(1))
+            improved = (unit_value < book.best_mmd) & torch.isfinite(unit_value) & ~book.diverged
+            if bool(improved.any()):
+                book.best = solver.blend(book.best, solver.snapshot(), improved)
+                book.best_mmd = torch.where(improved, unit_value, book.best_mmd)
+                book.best_step = torch.where(improved, torch.full_like(book.best_step, step), book.best_step)
+        row = {"mmd": value, **{name: v.reshape(-1).expand(data.n_maps) for name, v in logs.items()}}
+        phase = plan.phase_at(max(step - 1, 0)).name if plan.total else ""  # the phase that led here
+        history.append({"step": step, "phase": phase, **{k: v.tolist() for k, v in row.items()}})
         if on_eval is not None:
             on_eval(step, row)
 
-    if start is None:
-        start = 0
+    if start == 0:
         evaluate(0, {})
-    sums: dict[str, torch.Tensor] = {}
-    since_eval = 0
-    for step in range(start, steps):
-        logs = solver.train_step(data, step)
-        for name, value in logs.items():
-            book.nonfinite |= ~torch.isfinite(value)
-            sums[name] = sums.get(name, 0.0) + value
-        since_eval += 1
-        if any_diverged:  # frozen maps go back to their best state after every step
+    for step in range(start, plan.total):
+        logs = solver.train_step(data, step, plan.phase_at(step))
+        for value in logs.values():
+            book.nonfinite |= _per_unit(solver, ~torch.isfinite(value.reshape(-1)), lambda v: v.any(1))
+        window.add(logs)
+        if any_diverged:  # frozen units go back to their best state after every step
             solver.restore_maps(book.best, book.diverged)
         done = step + 1
-        if done % config.eval_every == 0 or done == steps:
-            evaluate(done, {name: total / since_eval for name, total in sums.items()})
-            sums, since_eval = {}, 0
-        if checkpoint is not None and (done % config.checkpoint_every == 0 or done == steps):
-            _save(checkpoint, solver, data, book, done)
+        if done % config.eval_every == 0 or done in ends:
+            evaluate(done, window.means())
+        if checkpoint is not None and (done % config.checkpoint_every == 0 or done == plan.total):
+            _save(checkpoint, solver, data, book, done, history, window)
         if on_progress is not None:
             on_progress(done)
-    solver.restore_maps(book.best, torch.ones(data.n_maps, dtype=torch.bool, device=data.device))
+    if plan.selects:
+        solver.restore_maps(book.best, torch.ones(solver.n_units, dtype=torch.bool, device=data.device))
+    else:  # nothing selects (e.g. a baseline): the last state is the result
+        book.best_step.fill_(plan.total)
     return StackOutcome(
-        steps=steps,
-        best_step=book.best_step.tolist(),
-        best_mmd=book.best_mmd.tolist(),
-        diverged=book.diverged.tolist(),
+        steps=plan.total,
+        best_step=_per_map(solver, book.best_step).tolist(),
+        best_mmd=_per_map(solver, book.best_mmd).tolist(),
+        diverged=_per_map(solver, book.diverged).tolist(),
         seconds=time.perf_counter() - started,
         history=history,
     )
 
 
-def _save(path: Path, solver: StackSolver, data: StackData, book: _Bookkeeping, step: int) -> None:
+def _save(
+    path: Path, solver: StackSolver, data: StackData, book: _Bookkeeping, step: int, history: list, window: _Window
+) -> None:
     save_checkpoint(
         path,
         {
             "step": step,
             "draws": data.draws,
             "solver": solver.state_dict(),
-            "optimizers": solver.optimizer_state(),
+            "training": solver.training_state(),
             "book": book.state(),
+            "history": history,
+            "window": {"sums": window.sums, "count": window.count},
         },
     )
 
 
-def _resume(path: Path, solver: StackSolver, data: StackData, book: _Bookkeeping) -> int:
+def _resume(path: Path, solver: StackSolver, data: StackData, book: _Bookkeeping, window: _Window) -> tuple[int, list]:
     state = load_checkpoint(path, data.device)
     solver.load_state_dict(state["solver"])
-    solver.load_optimizer_state(state["optimizers"])
+    solver.load_training_state(state["training"])
     book.load(state["book"])
     data.draws = state["draws"]
-    return int(state["step"])
+    window.sums, window.count = dict(state["window"]["sums"]), int(state["window"]["count"])
+    return int(state["step"]), list(state["history"])

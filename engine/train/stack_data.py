@@ -4,6 +4,10 @@ Each population (source train, target train) is one [N, d] tensor holding the K 
 back to back, with per-map offsets and counts. A minibatch is an index draw: map k takes b indices
 uniformly (with replacement) from its own cells and a gather gives [K, b, d].
 
+Contexts: `contexts` [K, c] holds one context vector per map (what validation, evaluation and
+prediction pass to `transport`); a population may also carry one per cell ([N, c], e.g. a dose per
+cell), which `source_sample` / `target_sample` gather with the cells.
+
 Draws are counter based: index = hash(map seed, stream, draw counter, slot) mod n_k. A map's
 draws therefore depend only on its own seed and the number of draws so far, never on which other
 maps share its stack, which is what makes stacked training equal one-at-a-time training; the
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,20 +42,36 @@ def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
     return (x >> 16) ^ x
 
 
+class Batch(NamedTuple):
+    """A minibatch: cells [K, b, d] and their contexts [K, b, c] (None without contexts)."""
+
+    cells: torch.Tensor
+    context: torch.Tensor | None
+
+
 @dataclass
 class Population:
-    """K maps' cells concatenated: cells [N, d], offsets [K], counts [K] (int64, on device)."""
+    """K maps' cells concatenated: cells [N, d], offsets [K], counts [K] (int64, on device), and
+    optionally a context per cell [N, c]."""
 
     cells: torch.Tensor
     offsets: torch.Tensor
     counts: torch.Tensor
+    context: torch.Tensor | None = None
 
     @classmethod
-    def from_arrays(cls, arrays: list[np.ndarray], device: torch.device) -> "Population":
+    def from_arrays(
+        cls, arrays: list[np.ndarray], device: torch.device, contexts: list[np.ndarray] | None = None
+    ) -> "Population":
         counts = torch.tensor([len(a) for a in arrays], dtype=torch.int64)
         offsets = torch.cumsum(counts, 0) - counts
         cells = torch.from_numpy(np.concatenate(arrays).astype(np.float32, copy=False))
-        return cls(cells.to(device), offsets.to(device), counts.to(device))
+        context = None
+        if contexts is not None:
+            if [len(c) for c in contexts] != [len(a) for a in arrays]:
+                raise ValueError("per-cell contexts must have one row per cell of each map")
+            context = torch.from_numpy(np.concatenate(contexts).astype(np.float32, copy=False)).to(device)
+        return cls(cells.to(device), offsets.to(device), counts.to(device), context)
 
     def of_map(self, k: int) -> torch.Tensor:
         start, count = int(self.offsets[k]), int(self.counts[k])
@@ -87,31 +108,51 @@ class StackData:
         seeds: list[int],
         batch_size: int,
         device: torch.device | str = "cpu",
+        contexts: np.ndarray | None = None,
+        source_contexts: list[np.ndarray] | None = None,
+        target_contexts: list[np.ndarray] | None = None,
     ) -> None:
         device = torch.device(device)
-        self.source = Population.from_arrays(source, device)
-        self.target = Population.from_arrays(target, device)
+        self.source = Population.from_arrays(source, device, source_contexts)
+        self.target = Population.from_arrays(target, device, target_contexts)
         self.valid_source = Padded.from_arrays(valid_source, device)
         self.valid_target = Padded.from_arrays(valid_target, device)
+        if contexts is not None and len(contexts) != len(seeds):
+            raise ValueError(f"contexts has {len(contexts)} rows for {len(seeds)} maps")
+        self.contexts = None if contexts is None else torch.as_tensor(np.asarray(contexts, np.float32), device=device)
         self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device).unsqueeze(1)
         self.slots = torch.arange(batch_size, dtype=torch.int64, device=device).unsqueeze(0)
         self.n_maps, self.dim, self.device = len(seeds), self.source.cells.shape[1], device
         self.draws = 0
 
-    def _draw(self, population: Population, stream: int) -> torch.Tensor:
+    def _draw(self, population: Population, stream: int) -> Batch:
         key = mix32((stream << 24) ^ (self.draws & 0xFFFFFF))
         self.draws += 1
         per_map = mix32(self.seeds ^ key)
         index = mix32(per_map ^ self.slots) % population.counts.unsqueeze(1) + population.offsets.unsqueeze(1)
-        return population.cells[index]
+        if population.context is not None:
+            context = population.context[index]
+        elif self.contexts is not None:
+            context = self.contexts.unsqueeze(1).expand(-1, index.shape[1], -1)
+        else:
+            context = None
+        return Batch(population.cells[index], context)
+
+    def source_sample(self) -> Batch:
+        """A fresh source (control) minibatch with its contexts."""
+        return self._draw(self.source, SOURCE)
+
+    def target_sample(self) -> Batch:
+        """A fresh target (perturbed) minibatch with its contexts."""
+        return self._draw(self.target, TARGET)
 
     def source_batch(self) -> torch.Tensor:
         """A fresh source (control) minibatch [K, b, d]."""
-        return self._draw(self.source, SOURCE)
+        return self.source_sample().cells
 
     def target_batch(self) -> torch.Tensor:
         """A fresh target (perturbed) minibatch [K, b, d]."""
-        return self._draw(self.target, TARGET)
+        return self.target_sample().cells
 
     def moments(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-map Gaussian fits of the training cells (float64): mean_s, cov_s, mean_t, cov_t."""

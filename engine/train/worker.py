@@ -1,0 +1,108 @@
+"""The worker's job: train a list of maps stack by stack on one device, save, evaluate, predict.
+
+This is what one Ray Train worker runs over the maps it owns (engine.cluster.trainer), and what
+tests and benchmarks run directly, without Ray. For each stack: the cells go to the device once,
+the solver trains (resuming from the stack's checkpoint if one exists), the best states are saved,
+and every map is evaluated on test cells beside the baselines. A stack whose maps file exists is
+skipped, so a restarted worker picks up where it stopped; a failed stack does not stop the others.
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from engine.config import RunConfig
+from engine.data import MapKey, PreparedData
+from engine.rundir import RunDir
+from engine.train.evaluation import evaluate_maps, metric_rows
+from engine.train.loop import train_stack
+from engine.train.saved_maps import save_maps
+from engine.train.stack import new_solver, stack_data, stack_id, stacks_of
+
+PROGRESS_EVERY = 50  # steps between progress reports
+
+
+class Reporter(Protocol):
+    """Where a worker sends what it learns (the Ray metrics sink, or a store directly)."""
+
+    def metrics(self, rows: list[dict]) -> None: ...
+
+    def maps(self, rows: list[dict]) -> None: ...
+
+    def progress(self, stack: str, done: int, total: int) -> None: ...
+
+
+@dataclass
+class MapRun:
+    """What every stack of one worker shares: the cells, the run's config and where results go."""
+
+    prepared: PreparedData
+    config: RunConfig
+    run_dir: RunDir
+    reporter: Reporter
+    device: torch.device
+    run_id: str
+
+    def map_rows(self, keys: list[MapKey], status: str, **fields: object) -> list[dict]:
+        return [{"run_id": self.run_id, "perturbation": k.name, "status": status, **fields} for k in keys]
+
+
+def train_maps(run: MapRun, keys: list[MapKey]) -> None:
+    """Train, save, evaluate and predict every map in `keys`, stack by stack."""
+    for chunk in stacks_of(keys, run.config.train.stack_size):
+        stack = stack_id(chunk)
+        if run.run_dir.maps_file(stack).exists():
+            continue
+        try:
+            _train_one_stack(run, chunk, stack)
+        except Exception as error:  # one failed stack must not lose the others
+            run.reporter.maps(run.map_rows(chunk, "failed", error=f"{type(error).__name__}: {error}"))
+            traceback.print_exc()
+
+
+def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
+    config, reporter = run.config, run.reporter
+    data = stack_data(run.prepared, keys, config, run.device)
+    solver = new_solver(config, data, keys, run.device)
+    reporter.maps(run.map_rows(keys, "running"))
+    total = solver.plan(solver.config, config.train.steps).total
+    select_split = "valid" if run.prepared.spec.select_on == "valid" else "valid_test"
+
+    def on_eval(step: int, row: dict[str, torch.Tensor]) -> None:
+        reporter.metrics(
+            [
+                {"run_id": run.run_id, "perturbation": key.name, "split": select_split if name == "mmd" else "train",
+                 "metric": name, "value": float(values[k]), "step": step}
+                for name, values in ((n, v.detach().cpu()) for n, v in row.items())
+                for k, key in enumerate(keys)
+            ]
+        )
+
+    def on_progress(done: int) -> None:
+        if done % PROGRESS_EVERY == 0 or done == total:
+            reporter.progress(stack, done, total)
+
+    outcome = train_stack(solver, data, config.train, checkpoint=run.run_dir.train_checkpoint(stack),
+                          on_eval=on_eval, on_progress=on_progress)
+    reporter.metrics([{"run_id": run.run_id, "perturbation": k.name, "split": "train", "metric": "train_seconds",
+                       "value": outcome.seconds, "step": outcome.steps} for k in keys])
+    records: dict[str, np.ndarray] = {}
+    evaluated = evaluate_maps(run.prepared, keys, solver, run.device, config.train.seed, data.contexts)
+    for k, (key, (rows, cells, weights)) in enumerate(zip(keys, evaluated)):
+        reporter.metrics(metric_rows(run.run_id, key, rows, outcome.steps))
+        records[f"cells/{k}"] = cells
+        if weights is not None:
+            records[f"weights/{k}"] = weights
+    out = run.run_dir.stack_predictions(stack)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, maps=np.array([k.name for k in keys]), **records)
+    path = run.run_dir.maps_file(stack)  # written last: its presence marks the stack done
+    save_maps(path, solver, keys, data.contexts, config.to_dict())
+    for i, key in enumerate(keys):
+        status = "diverged" if outcome.diverged[i] else "trained"
+        reporter.maps(run.map_rows([key], status, steps=outcome.steps, best_step=outcome.best_step[i], checkpoint=str(path)))
+    reporter.progress(stack, total, total)
