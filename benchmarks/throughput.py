@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make `engine` 
 from benchmarks.report import emit  # noqa: E402
 from engine.solvers import build_solver  # noqa: E402
 from engine.solvers.base import StackSolver  # noqa: E402
+from engine.options import DataError  # noqa: E402
 from engine.train.device import resolve_device  # noqa: E402
 from engine.train.stack_data import StackData, map_seed  # noqa: E402
 
@@ -186,9 +187,10 @@ def measure_reference(args: argparse.Namespace, device: torch.device) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print and return the JSON document (a dict)."""
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    try:
+        device = resolve_device(args.device)
+    except DataError as error:
+        raise SystemExit(f"throughput: {error}") from error
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731 (progress; JSON goes to stdout)

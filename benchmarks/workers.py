@@ -37,7 +37,7 @@ def measure(path: Path, workers: int, args: argparse.Namespace, root: Path) -> d
                  out=root / f"w{workers}-{time.time_ns()}")
     wall = time.perf_counter() - started
     seconds = result.metrics(split="train", metric="train_seconds").set_index("perturbation")["value"]
-    prepared = PreparedData.load(result.run_dir / "data")
+    prepared = PreparedData.load(result.dir.data)
     owned = balance(prepared.maps, [prepared.n_cells(k) for k in prepared.maps], workers)  # as the trainer did
     # a stack writes its time on each of its maps: one map per stack, summed per worker
     busiest = max(sum(seconds[k.name] for k in keys[:: args.stack_size]) for keys in owned if keys)

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import time
@@ -21,7 +22,7 @@ import pandas as pd
 
 from engine.config import RunConfig
 from engine.data import DataError, MapKey, PreparedData, prepare, read_h5ad
-from engine.rundir import RunDir
+from engine.rundir import RunDir, default_run_dir
 from engine.store import Store
 from engine.train.evaluation import evaluate_maps, metric_rows
 from engine.train.saved_maps import SavedMaps, predict_cells
@@ -71,7 +72,7 @@ class FitResult:
 
     def succeeded(self) -> bool:
         """Every map finished (trained, or diverged and frozen at its best state)."""
-        return bool(self.maps()["status"].isin(DONE).all())
+        return all_done(self.maps())
 
     def summary(self, metric: str | None = None) -> pd.DataFrame:
         """Final test metrics, one row per (map, metric), the model beside its baselines (columns
@@ -129,6 +130,11 @@ class FitResult:
         return written
 
 
+def all_done(maps: pd.DataFrame) -> bool:
+    """True when there are maps and every one finished (trained, or diverged and frozen)."""
+    return len(maps) > 0 and bool(maps["status"].isin(DONE).all())
+
+
 def prediction_frame(
     prepared: PreparedData, key: MapKey, cells: np.ndarray, weights: np.ndarray | None, sources: list[str]
 ) -> ad.AnnData:
@@ -163,7 +169,7 @@ def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None,
         raise DataError(f"{run_dir} already holds a run; choose another --out")
     adata = read_h5ad(config.dataset) if adata is None else adata
     prepared = prepare(adata, config.data)
-    connect_for(config)  # may settle cluster.gpus_per_worker (device auto) before the config is saved
+    placed = dataclasses.replace(config, cluster=connect_for(config, len(prepared.maps)))
     directory.root.mkdir(parents=True, exist_ok=True)
     store_url = store_url or directory.default_store
     run_id = f"{config.solver}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -177,9 +183,9 @@ def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None,
                         _sha256(dataset) if dataset.is_file() else "", config.to_dict())
         store.upsert_maps([{"run_id": run_id, "perturbation": k.name, "status": "pending"} for k in prepared.maps])
         try:
-            run_training(config, prepared, directory, run_id, store_url, on_progress)
+            run_training(placed, prepared, directory, run_id, store_url, on_progress)
             write_predictions(directory, prepared)
-            status = "finished" if store.maps(run_id)["status"].isin(DONE).all() else "partial"
+            status = "finished" if all_done(store.maps(run_id)) else "partial"
         finally:
             store.finish_run(run_id, status)
     return FitResult(directory.root, store_url)
@@ -243,5 +249,4 @@ def fit(
         select_on=select_on, steps=steps, seed=seed, device=device, solver_params=solver_params,
         train_params=train, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
     )
-    run_dir = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    return run(resolved, run_dir, store, adata, on_progress)
+    return run(resolved, out if out is not None else default_run_dir(), store, adata, on_progress)

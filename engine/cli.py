@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 
 from engine.data import DataError
+from engine.data.spec import PREPROCESSING, SELECT_ON
+from engine.rundir import RunDir, default_run_dir
 from engine.solvers import SOLVERS
 
 DEMO_STEPS = 1000  # the demo's default budget (a few minutes on a laptop CPU); --steps overrides
@@ -57,10 +59,10 @@ def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
     p.add_argument("--split-by", help="obs key: one map per (group, perturbation), controls from the same group")
     p.add_argument("--holdout", metavar="KEY=VALUE", help="cells with obs[KEY]==VALUE form the test split (o.o.s.)")
-    p.add_argument("--preprocess", choices=("none", "log1p_normalize", "qscale_log1p", "arcsinh5"))
+    p.add_argument("--preprocess", choices=PREPROCESSING, help="default none")
     p.add_argument("--embed", help="train in a latent space, e.g. pca:50 (metrics decoded to genes)")
     p.add_argument("--obsm-key", help="take features from adata.obsm[KEY] instead of X")
-    p.add_argument("--select-on", choices=("valid", "test"),
+    p.add_argument("--select-on", choices=SELECT_ON,
                    help="cells that pick each map's best state: valid (default, a split of its own) or "
                         "test (CellOT's protocol, for paper comparisons; the final metrics then see them too)")
     p.add_argument("--seed", type=int, help="seed of splits, initialisation and minibatches (default 0)")
@@ -92,7 +94,7 @@ def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str |
 def _run(config: Any, out: Path | None, store: str | None) -> int:
     from engine.api import run
 
-    run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = out or default_run_dir()
     result = run(config, run_dir, store, on_progress=Progress(f"training {config.solver}"))
     print(file=sys.stderr)
     maps = result.maps()
@@ -112,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from engine.data import make_synthetic
 
-    out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or default_run_dir("demo-")
     out.mkdir(parents=True, exist_ok=True)
     dataset = out / "synthetic.h5ad"
     make_synthetic(n_perturbations=4, n_groups=2, dim=10, n_cells=1000, seed=0).write_h5ad(dataset)
@@ -155,7 +157,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     from engine.store import Store
 
-    urls = [args.store] if args.store else [f"sqlite:///{p.resolve()}" for p in sorted(Path(args.root).glob("*/metrics.sqlite"))]
+    runs_found = [RunDir(p) for p in sorted(Path(args.root).glob("*"))]
+    urls = [args.store] if args.store else [d.default_store for d in runs_found if d.has_default_store()]
     frames = []
     for url in urls:
         store = Store(url)

@@ -7,7 +7,6 @@ overrides) and is what checkpoints carry, so a run can be reproduced or resumed 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,7 +16,8 @@ import yaml
 from engine.data import DataSpec
 from engine.options import DataError, parse_options, to_plain
 from engine.solvers import solver_class
-from engine.solvers.base import make_config
+from engine.solvers.base import StackSolver, make_config
+from engine.train.device import parse_device
 from engine.train.loop import TrainConfig
 
 SECTIONS = ("dataset", "data", "solver", "train", "cluster")
@@ -25,7 +25,6 @@ DATA_FLAGS = ("condition_key", "control", "perturbations", "split_by", "holdout"
               "obsm_key", "select_on")
 TRAIN_FLAGS = ("steps", "device")
 CLUSTER_FLAGS = ("address", "workers", "gpus_per_worker")
-DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass
@@ -49,18 +48,16 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
-        solver_class(self.solver)
-        self.solver_config()  # fail early on bad options
-        device = self.train.device
-        if not DEVICE.fullmatch(device):
-            raise DataError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N")
-        if device == "cpu" and self.cluster.gpus_per_worker > 0:
+        self.solver_config()  # fail early on an unknown solver or bad options
+        if parse_device(self.train.device)[0] == "cpu" and self.cluster.gpus_per_worker > 0:
             raise DataError(f"device cpu contradicts gpus_per_worker={self.cluster.gpus_per_worker}")
-        if device.startswith("cuda") and self.cluster.gpus_per_worker == 0:
-            self.cluster.gpus_per_worker = 1.0  # a CUDA run needs a GPU per worker
+
+    @property
+    def solver_cls(self) -> type[StackSolver]:
+        return solver_class(self.solver)
 
     def solver_config(self) -> Any:
-        return make_config(solver_class(self.solver).Config, self.solver_params)
+        return make_config(self.solver_cls.Config, self.solver_params)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict with every default filled in (solver options included)."""
@@ -81,6 +78,8 @@ class RunConfig:
             raise DataError(f"unknown config section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
         if "dataset" not in raw or "data" not in raw:
             raise DataError("a run config needs `dataset` and a `data` section (condition_key, control)")
+        if not isinstance(raw.get("solver") or {}, dict):
+            raise DataError(f"the solver section is a mapping (name: ..., options), got {raw['solver']!r}")
         solver = dict(raw.get("solver") or {})
         return cls(
             dataset=str(raw["dataset"]),

@@ -12,7 +12,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+
+
+def default_run_dir(prefix: str = "") -> Path:
+    """runs/<prefix><date-time> under the working directory."""
+    return Path("runs") / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 class RunDir:
@@ -44,6 +50,9 @@ class RunDir:
     @property
     def default_store(self) -> str:
         return f"sqlite:///{(self.root / 'metrics.sqlite').resolve()}"
+
+    def has_default_store(self) -> bool:
+        return (self.root / "metrics.sqlite").is_file()
 
     def exists(self) -> bool:
         return self.info.exists()

@@ -1,7 +1,9 @@
-"""Ray job entrypoint: `python -m jobs.train --config RUN.yaml --out RUN_DIR [--store URL]`.
+"""Ray job entrypoint: `python -m jobs.train --config RUN.yaml --out RUN_DIR [--store URL] [--set k=v]`.
 
-Inside a submitted job Ray is joined through RAY_ADDRESS (cluster.address defaults to `auto` here).
-The config is a run's config.yaml (sections dataset, data, solver, train, cluster).
+The config is a run's config.yaml (sections dataset, data, solver, train, cluster). Inside a
+submitted job Ray is joined through RAY_ADDRESS, so the address is `auto` unless --address says
+otherwise (a run's own config.yaml says `local`, which a job overrides). Exit codes as the CLI's:
+2 for bad input, 1 for a failed or partial run.
 """
 from __future__ import annotations
 
@@ -9,23 +11,26 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from engine.api import run
 from engine.config import RunConfig
+from engine.options import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__)
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--store")
+    parser.add_argument("--config", type=Path, required=True, help="a run config (YAML)")
+    parser.add_argument("--out", type=Path, required=True, help="run directory (shared storage on a cluster)")
+    parser.add_argument("--store", help="SQLAlchemy URL of the metrics store (default sqlite in the run dir)")
+    parser.add_argument("--address", default="auto", help="Ray address (default auto: the job's cluster)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     args = parser.parse_args(argv)
-    raw = yaml.safe_load(args.config.read_text())
-    raw.setdefault("cluster", {}).setdefault("address", "auto")
-    result = run(RunConfig.from_dict(raw), args.out, args.store)
+    try:
+        result = run(RunConfig.resolve(args.config, args.set, address=args.address), args.out, args.store)
+    except DataError as error:
+        print(f"jobs.train: error: {error}", file=sys.stderr)
+        return 2
     print(f"run {result.run_id} -> {args.out}")
-    return 0
+    return 0 if result.succeeded() else 1
 
 
 if __name__ == "__main__":

@@ -110,3 +110,20 @@ def test_demo_metrics_and_predict(ray_session, tmp_path, capsys):
     assert ad.read_h5ad(tmp_path / "p.h5ad").n_obs == 10
     assert main(["predict", "--run", str(out), "--data", str(controls), "--out", str(tmp_path / "q.h5ad"),
                  "--perturbations", "nope"]) == 2
+
+
+def test_select_on_test_keeps_cellots_protocol_and_says_so(ray_session, h5ad, tmp_path, capsys):
+    """--select-on test: no valid split, the selection rows are named valid_test, the config records it."""
+    from engine.api import FitResult
+    from engine.data import PreparedData
+
+    out = tmp_path / "cellot-protocol"
+    argv = ["train", "--data", str(h5ad), "--condition-key", "condition", "--control", "control",
+            "--split-by", "group", "--select-on", "test", "--steps", "10", "--set", "train.eval_every=5",
+            "--out", str(out)]
+    assert main(argv) == 0
+    result = FitResult.load(out)
+    splits = set(result.metrics()["split"])
+    assert "valid_test" in splits and "valid" not in splits
+    assert result.config.data.select_on == "test"
+    assert {split for _, _, split in PreparedData.load(result.dir.data).tables} == {"train", "test"}

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from engine.metrics.distances import l2_uvp as metric_l2_uvp
+from engine.options import DataError
 from engine.ot.gaussian import bures_map
 from engine.solvers import build_solver
 from engine.solvers.base import Phase, StackSolver
@@ -461,6 +462,30 @@ def test_checkpoint_resume_equals_straight_run(tmp_path: Path):
     assert outcome.best_step == straight_outcome.best_step
     assert outcome.best_mmd == pytest.approx(straight_outcome.best_mmd, rel=1e-6)
     assert outcome.diverged == straight_outcome.diverged
+
+
+def test_zero_steps_resume_at_the_end_and_a_foreign_plan(tmp_path: Path):
+    """steps=0 evaluates the initial state and changes nothing; a checkpoint saved at the end
+    resumes to the same outcome without a step; a checkpoint of another plan is refused."""
+    arrays = toy_maps(2, 5)
+    seeds = [map_seed(4, "p"), map_seed(4, "q")]
+    data = make_data(arrays, seeds)
+    solver = make_cellot(data, seeds, inner_steps=FEW_INNER)
+    before = solver.snapshot()
+    outcome = train_stack(solver, data, TrainConfig(steps=0))
+    assert outcome.steps == 0 and outcome.best_step == [0, 0] and data.draws == 0
+    assert [row["step"] for row in outcome.history] == [0]
+    assert_same_map(before, 1, solver.snapshot(), 1, atol=0)
+
+    path = tmp_path / "stack.pt"
+    config = TrainConfig(steps=6, eval_every=3, checkpoint_every=NEVER)
+    first = train_stack(solver, data, config, checkpoint=path)
+    state, draws = solver.snapshot(), data.draws
+    again = train_stack(solver, data, config, checkpoint=path)
+    assert data.draws == draws and again.best_step == first.best_step and again.history == first.history
+    assert_same_map(state, 0, solver.snapshot(), 0, atol=0)
+    with pytest.raises(DataError, match="does not continue"):
+        train_stack(solver, data, TrainConfig(steps=4, eval_every=3), checkpoint=path)  # step 6 > 4
 
 
 # -- baselines ---------------------------------------------------------------------------------------

@@ -45,12 +45,51 @@ def test_resolve_defaults_published_steps_and_typed_values():
         RunConfig.resolve(overrides=["train.steps=-1"], **base)
 
 
-@pytest.mark.parametrize("device, gpus, expected", [("cpu", 0.0, 0.0), ("auto", 0.0, 0.0), ("cuda", 0.0, 1.0), ("cuda:1", 0.5, 0.5)])
-def test_device_sets_gpus_per_worker(device, gpus, expected):
-    config = RunConfig.resolve(dataset="x", condition_key="c", control="k", device=device, gpus_per_worker=gpus)
-    assert config.cluster.gpus_per_worker == expected
-    with pytest.raises(DataError, match="unknown device"):
-        RunConfig.resolve(dataset="x", condition_key="c", control="k", device="tpu")
+@pytest.mark.parametrize(
+    "device, gpus, workers, cluster_gpus, placed",
+    [
+        ("cpu", 0.0, 2, 4.0, (2, 0.0)),
+        ("auto", 0.0, 2, 0.0, (2, 0.0)),  # no GPU: CPU workers
+        ("auto", 0.0, 2, 1.0, (2, 0.5)),  # fewer GPUs than workers: an equal share each
+        ("auto", 0.0, 2, 2.0, (2, 1.0)),  # a GPU per worker
+        ("cuda", 0.0, 2, 2.0, (2, 1.0)),
+        ("cuda", 0.25, 8, 2.0, (4, 0.25)),  # capped at the 4 maps
+        ("cuda", 0.0, 2, 1.0, "needs 2 worker(s) x 1 GPU(s)"),
+        ("cuda", 0.0, 1, 0.0, "has 0 GPU(s)"),
+    ],
+)
+def test_connect_for_places_workers_or_fails_with_exit_2(monkeypatch, device, gpus, workers, cluster_gpus, placed):
+    """The placement rule of engine.cluster.runtime.connect_for, with Ray's answers stubbed."""
+    from engine.cluster import runtime
+
+    monkeypatch.setattr(runtime, "connect", lambda address: None)
+    monkeypatch.setattr(runtime.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": cluster_gpus})
+    config = RunConfig.resolve(dataset="x", condition_key="c", control="k", device=device,
+                               gpus_per_worker=gpus, workers=workers)
+    if isinstance(placed, str):
+        with pytest.raises(DataError, match=placed.replace("(", r"\(").replace(")", r"\)")):
+            runtime.connect_for(config, n_maps=4)
+    else:
+        cluster = runtime.connect_for(config, n_maps=4)
+        assert (cluster.workers, cluster.gpus_per_worker) == placed
+        assert config.cluster.gpus_per_worker == gpus  # the saved config keeps what the user asked for
+
+
+def test_device_strings_and_contradictions():
+    from engine.train.device import parse_device
+
+    assert parse_device("cuda:3") == ("cuda", 3) and parse_device("auto") == ("auto", None)
+    for bad in ("tpu", "cpu:1", "cuda:x", "gpu"):
+        with pytest.raises(DataError, match="unknown device"):
+            parse_device(bad)
+    with pytest.raises(DataError, match="contradicts"):
+        RunConfig.resolve(dataset="x", condition_key="c", control="k", device="cpu", gpus_per_worker=1)
+    with pytest.raises(DataError, match="unknown solver"):
+        RunConfig.resolve(dataset="x", condition_key="c", control="k", overrides=["solver.name=cellott"])
+    with pytest.raises(DataError, match="solver section"):
+        RunConfig.resolve(dataset="x", condition_key="c", control="k", overrides=["solver=cellot"])
+    with pytest.raises(DataError, match="init"):
+        RunConfig.resolve(dataset="x", condition_key="c", control="k", overrides=["solver.init=gausian"])
 
 
 def test_resolve_device_without_ray():

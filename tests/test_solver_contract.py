@@ -843,3 +843,13 @@ def test_cycle_finder_finds_cycles():
     """find_cycle reports a planted cycle (and the parent-edge rule of import_graph)."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_a_selecting_plan_must_end_in_a_selecting_phase():
+    """A trailing phase that does not select would be trained and thrown away: refused."""
+    Plan((Phase("a", 3, selects_best=False), Phase("b", 3)))
+    Plan((Phase("a", 3, selects_best=False),))  # nothing selects: the last state is the result
+    with pytest.raises(ValueError, match="must end in a selecting phase"):
+        Plan((Phase("a", 3), Phase("b", 3, selects_best=False)))
+    with pytest.raises(ValueError, match="distinct"):
+        Plan((Phase("a", 3), Phase("a", 3)))

@@ -18,7 +18,6 @@ from engine.cluster.actors import MetricsSink, ShardStore, SinkReporter
 from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
 from engine.rundir import RunDir
-from engine.solvers import solver_class
 from engine.train.stack import stack_id, stacks_of
 from engine.train.worker import MapRun, train_maps
 
@@ -73,16 +72,14 @@ def run_training(
     """Start the shard store and metrics sink, run ONE TorchTrainer fit, report progress while it runs.
 
     on_progress(done_steps, total_steps, done_stacks, n_stacks) is called about twice a second.
-    A shared solver (one model over all contexts) is trained by one worker as one stack; its
-    data-parallel training arrives with CondOT.
+    config.cluster is the placed one (engine.cluster.runtime.connect_for): a shared solver (one
+    model over all contexts) has one worker and one stack; its data-parallel training arrives with
+    CondOT.
     """
-    cls = solver_class(config.solver)
-    workers = 1 if cls.shared else max(1, min(config.cluster.workers, len(prepared.maps)))
+    cls = config.solver_cls
+    workers = max(1, min(config.cluster.workers, len(prepared.maps)))
     assignments = balance(prepared.maps, [prepared.n_cells(k) for k in prepared.maps], workers)
-    stack_size = len(prepared.maps) if cls.shared else config.train.stack_size
-    if cls.shared:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, stack_size=stack_size))
-    stacks = [stack_id(chunk) for keys in assignments for chunk in stacks_of(keys, stack_size)]
+    stacks = [stack_id(chunk) for keys in assignments for chunk in stacks_of(keys, config.train.stack_size, cls.shared)]
     steps_per_stack = cls.plan(config.solver_config(), config.train.steps).total
     shards = ShardStore.options(name=f"perturbot-shards-{run_id}").remote(str(run_dir.data))
     sink = MetricsSink.options(name=f"perturbot-sink-{run_id}").remote(store_url)

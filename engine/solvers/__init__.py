@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.options import DataError
 from engine.solvers.base import StackSolver, Transport, make_config
 from engine.solvers.baselines import GaussianMap, Identity, MeanShift, Observed
 from engine.solvers.cellot import CellOT
@@ -12,7 +13,7 @@ SOLVERS: dict[str, type[StackSolver]] = {cls.name: cls for cls in (CellOT, Ident
 
 def solver_class(name: str) -> type[StackSolver]:
     if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
+        raise DataError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
     return SOLVERS[name]
 
 

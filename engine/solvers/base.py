@@ -61,9 +61,32 @@ class Phase:
 
 @dataclass(frozen=True)
 class Plan:
-    """The phases of a training run, in order; step s (0-based) belongs to the phase covering it."""
+    """The phases of a training run, in order; step s (0-based) belongs to the phase covering it.
+
+    A plan that selects ends in a selecting phase (the final state is the best selectable one, so
+    a trailing phase that does not select would be trained and thrown away)."""
 
     phases: tuple[Phase, ...]
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names) or any(p.steps < 0 for p in self.phases):
+            raise ValueError(f"phases need distinct names and steps >= 0: {self.phases}")
+        if self.selects and not self.phases[-1].selects_best:
+            raise ValueError(f"a plan that selects must end in a selecting phase: {self.phases}")
+
+    def describe(self) -> list[tuple[str, int, bool]]:
+        """(name, steps, selects_best) per phase: what a checkpoint records."""
+        return [(p.name, p.steps, p.selects_best) for p in self.phases]
+
+    def continues(self, saved: list[tuple[str, int, bool]], step: int) -> bool:
+        """Can a checkpoint of plan `saved` at `step` resume under this plan? The same plan, or the
+        same one with a longer or shorter last phase that still covers `step`."""
+        now = self.describe()
+        if saved == now:
+            return True
+        same_last = bool(saved) and bool(now) and (saved[-1][0], saved[-1][2]) == (now[-1][0], now[-1][2])
+        return saved[:-1] == now[:-1] and same_last and step <= self.total
 
     @property
     def total(self) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from engine.nn.icnn import StackedICNN
+from engine.nn.icnn import Init, StackedICNN
 from engine.ot.gaussian import COVARIANCE_RIDGE, bures_map
 from engine.solvers.base import Phase, StackSolver, Transport
 from engine.train.stack_data import StackData
@@ -25,7 +25,7 @@ from engine.train.stack_data import StackData
 class CellOTConfig:
     hidden: tuple[int, ...] = (64, 64, 64, 64)
     negative_slope: float = 0.2
-    init: str = "gaussian"  # gaussian | identity | uniform (CellOT's exact init)
+    init: Init = "gaussian"  # gaussian | identity | uniform (CellOT's exact init)
     init_scale: float = 0.1  # uniform: U[0, s]; identity/gaussian: input weights U[-s/10, s/10]
     covariance_ridge: float = COVARIANCE_RIDGE
     lr: float = 1e-4

@@ -20,7 +20,7 @@ import torch
 
 from engine.metrics.distances import MMD_GAMMAS, mmd
 from engine.options import DataError
-from engine.solvers.base import StackSolver
+from engine.solvers.base import Plan, StackSolver
 from engine.train.checkpoint import load_checkpoint, save_checkpoint
 from engine.train.stack_data import StackData
 
@@ -134,7 +134,7 @@ def train_stack(
     window = _Window()
     start = 0
     if checkpoint is not None and checkpoint.exists():
-        start, history = _resume(checkpoint, solver, data, book, window)
+        start, history = _resume(checkpoint, plan, solver, data, book, window)
     any_diverged = bool(book.diverged.any())  # host copy: the per-step loop never waits on the device
     ends = plan.ends()
 
@@ -173,7 +173,7 @@ def train_stack(
         if done % config.eval_every == 0 or done in ends:
             evaluate(done, window.means())
         if checkpoint is not None and (done % config.checkpoint_every == 0 or done == plan.total):
-            _save(checkpoint, solver, data, book, done, history, window)
+            _save(checkpoint, plan, solver, data, book, done, history, window)
         if on_progress is not None:
             on_progress(done)
     if plan.selects:
@@ -190,12 +190,12 @@ def train_stack(
     )
 
 
-def _save(
-    path: Path, solver: StackSolver, data: StackData, book: _Bookkeeping, step: int, history: list, window: _Window
-) -> None:
+def _save(path: Path, plan: Plan, solver: StackSolver, data: StackData, book: _Bookkeeping, step: int,
+          history: list, window: _Window) -> None:
     save_checkpoint(
         path,
         {
+            "plan": plan.describe(),
             "step": step,
             "draws": data.draws,
             "solver": solver.state_dict(),
@@ -207,8 +207,13 @@ def _save(
     )
 
 
-def _resume(path: Path, solver: StackSolver, data: StackData, book: _Bookkeeping, window: _Window) -> tuple[int, list]:
+def _resume(path: Path, plan: Plan, solver: StackSolver, data: StackData, book: _Bookkeeping,
+            window: _Window) -> tuple[int, list]:
     state = load_checkpoint(path, data.device)
+    saved = [tuple(p) for p in state["plan"]]
+    if not plan.continues(saved, int(state["step"])):
+        raise DataError(f"checkpoint {path} was made at step {state['step']} of plan {saved}; this run's plan "
+                        f"{plan.describe()} does not continue it (same phases; only the last may change length)")
     solver.load_state_dict(state["solver"])
     solver.load_training_state(state["training"])
     book.load(state["book"])

@@ -38,10 +38,10 @@ class SavedMaps:
         payload = load_checkpoint(path, device)
         self.names: list[str] = list(payload["maps"])
         self.solver = build_solver(payload["solver"], len(self.names), payload["dim"], payload["solver_params"],
-                                   payload["context_dim"])
+                                   payload.get("context_dim", 0))  # .get: maps saved before contexts
         self.solver.load_state_dict(payload["state"])
         self.solver.to(device)
-        self.contexts: torch.Tensor | None = payload["contexts"]
+        self.contexts: torch.Tensor | None = payload.get("contexts")
         self.device = torch.device(device)
 
 

@@ -21,10 +21,11 @@ def stack_id(keys: list[MapKey]) -> str:
     return "stack-" + hashlib.sha256("\n".join(k.name for k in keys).encode()).hexdigest()[:12]
 
 
-def stacks_of(keys: list[MapKey], stack_size: int) -> list[list[MapKey]]:
-    """Consecutive chunks of at most stack_size maps."""
-    size = max(1, stack_size)
-    return [keys[i : i + size] for i in range(0, len(keys), size)]
+def stacks_of(keys: list[MapKey], stack_size: int, shared: bool = False) -> list[list[MapKey]]:
+    """Consecutive chunks of at most stack_size maps; a shared solver's maps are one stack (one
+    model over all their contexts)."""
+    size = len(keys) if shared else max(1, stack_size)
+    return [keys[i : i + size] for i in range(0, len(keys), max(1, size))]
 
 
 def map_contexts(all_maps: list[MapKey], keys: list[MapKey]) -> np.ndarray:

@@ -53,7 +53,7 @@ class MapRun:
 
 def train_maps(run: MapRun, keys: list[MapKey]) -> None:
     """Train, save, evaluate and predict every map in `keys`, stack by stack."""
-    for chunk in stacks_of(keys, run.config.train.stack_size):
+    for chunk in stacks_of(keys, run.config.train.stack_size, run.config.solver_cls.shared):
         stack = stack_id(chunk)
         if run.run_dir.maps_file(stack).exists():
             continue
