@@ -17,6 +17,17 @@ def shared_file(relative: str) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: faster than 2 on a loaded 2-core machine, and a fixed reduction order."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory: pytest.TempPathFactory):
     """Start a local Ray once per test session (about 3 s), quiet and without auth or dashboard."""

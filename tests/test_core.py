@@ -34,13 +34,7 @@ NEVER = 10**9  # eval_every / checkpoint_every that never fires inside a test ru
 FEW_INNER = 3  # g-steps per outer step where the property tested does not depend on it (speed)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: faster than 2 on a loaded 2-core machine, and a fixed reduction order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- helpers -----------------------------------------------------------------------------------------

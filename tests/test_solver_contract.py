@@ -48,13 +48,7 @@ TRAINABLE = sorted(n for n, c in SOLVERS.items() if c.trainable)
 FAST: dict[str, dict[str, Any]] = {"cellot": {"inner_steps": 2, "hidden": [16, 16]}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: faster than 2 on a loaded 2-core machine, and a fixed reduction order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- toy solvers -------------------------------------------------------------------------------------

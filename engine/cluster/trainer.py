@@ -77,7 +77,7 @@ def run_training(
     CondOT.
     """
     cls = config.solver_cls
-    workers = max(1, min(config.cluster.workers, len(prepared.maps)))
+    workers = config.cluster.workers  # placed: at most one per map, one for a shared solver
     assignments = balance(prepared.maps, [prepared.n_cells(k) for k in prepared.maps], workers)
     stacks = [stack_id(chunk) for keys in assignments for chunk in stacks_of(keys, config.train.stack_size, cls.shared)]
     steps_per_stack = cls.plan(config.solver_config(), config.train.steps).total

@@ -136,9 +136,9 @@ def train_stack(
     if checkpoint is not None and checkpoint.exists():
         start, history = _resume(checkpoint, plan, solver, data, book, window)
     any_diverged = bool(book.diverged.any())  # host copy: the per-step loop never waits on the device
-    ends = plan.ends()
 
-    def evaluate(step: int, logs: dict[str, torch.Tensor]) -> None:
+    def evaluate(step: int, phase: str, logs: dict[str, torch.Tensor]) -> None:
+        """Validation MMD of the state after `step` steps (reached in `phase`); selection, logs."""
         nonlocal any_diverged
         newly = book.nonfinite & ~book.diverged
         if bool(newly.any()):
@@ -155,27 +155,27 @@ def train_stack(
                 book.best_mmd = torch.where(improved, unit_value, book.best_mmd)
                 book.best_step = torch.where(improved, torch.full_like(book.best_step, step), book.best_step)
         row = {"mmd": value, **{name: v.reshape(-1).expand(data.n_maps) for name, v in logs.items()}}
-        phase = plan.phase_at(max(step - 1, 0)).name if plan.total else ""  # the phase that led here
         history.append({"step": step, "phase": phase, **{k: v.tolist() for k, v in row.items()}})
         if on_eval is not None:
             on_eval(step, row)
 
     if start == 0:
-        evaluate(0, {})
-    for step in range(start, plan.total):
-        logs = solver.train_step(data, step, plan.phase_at(step))
-        for value in logs.values():
-            book.nonfinite |= _per_unit(solver, ~torch.isfinite(value.reshape(-1)), lambda v: v.any(1))
-        window.add(logs)
-        if any_diverged:  # frozen units go back to their best state after every step
-            solver.restore_maps(book.best, book.diverged)
-        done = step + 1
-        if done % config.eval_every == 0 or done in ends:
-            evaluate(done, window.means())
-        if checkpoint is not None and (done % config.checkpoint_every == 0 or done == plan.total):
-            _save(checkpoint, plan, solver, data, book, done, history, window)
-        if on_progress is not None:
-            on_progress(done)
+        evaluate(0, plan.phase_at(0).name if plan.total else "", {})
+    for phase, begin, end in plan.spans():
+        for step in range(max(start, begin), end):
+            logs = solver.train_step(data, step, phase)
+            for value in logs.values():
+                book.nonfinite |= _per_unit(solver, ~torch.isfinite(value.reshape(-1)), lambda v: v.any(1))
+            window.add(logs)
+            if any_diverged:  # frozen units go back to their best state after every step
+                solver.restore_maps(book.best, book.diverged)
+            done = step + 1
+            if done % config.eval_every == 0 or done == end:
+                evaluate(done, phase.name, window.means())
+            if checkpoint is not None and (done % config.checkpoint_every == 0 or done == plan.total):
+                _save(checkpoint, plan, solver, data, book, done, history, window)
+            if on_progress is not None:
+                on_progress(done)
     if plan.selects:
         solver.restore_maps(book.best, torch.ones(solver.n_units, dtype=torch.bool, device=data.device))
     else:  # nothing selects (e.g. a baseline): the last state is the result

@@ -125,11 +125,14 @@ class StackData:
         self.n_maps, self.dim, self.device = len(seeds), self.source.cells.shape[1], device
         self.draws = 0
 
-    def _draw(self, population: Population, stream: int) -> Batch:
+    def _draw(self, population: Population, stream: int) -> torch.Tensor:
+        """Indices [K, b] into population.cells of a fresh minibatch (advances the draw counter)."""
         key = mix32((stream << 24) ^ (self.draws & 0xFFFFFF))
         self.draws += 1
         per_map = mix32(self.seeds ^ key)
-        index = mix32(per_map ^ self.slots) % population.counts.unsqueeze(1) + population.offsets.unsqueeze(1)
+        return mix32(per_map ^ self.slots) % population.counts.unsqueeze(1) + population.offsets.unsqueeze(1)
+
+    def _with_context(self, population: Population, index: torch.Tensor) -> Batch:
         if population.context is not None:
             context = population.context[index]
         elif self.contexts is not None:
@@ -140,19 +143,19 @@ class StackData:
 
     def source_sample(self) -> Batch:
         """A fresh source (control) minibatch with its contexts."""
-        return self._draw(self.source, SOURCE)
+        return self._with_context(self.source, self._draw(self.source, SOURCE))
 
     def target_sample(self) -> Batch:
         """A fresh target (perturbed) minibatch with its contexts."""
-        return self._draw(self.target, TARGET)
+        return self._with_context(self.target, self._draw(self.target, TARGET))
 
     def source_batch(self) -> torch.Tensor:
-        """A fresh source (control) minibatch [K, b, d]."""
-        return self.source_sample().cells
+        """A fresh source (control) minibatch [K, b, d] (no context gathered)."""
+        return self.source.cells[self._draw(self.source, SOURCE)]
 
     def target_batch(self) -> torch.Tensor:
-        """A fresh target (perturbed) minibatch [K, b, d]."""
-        return self.target_sample().cells
+        """A fresh target (perturbed) minibatch [K, b, d] (no context gathered)."""
+        return self.target.cells[self._draw(self.target, TARGET)]
 
     def moments(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-map Gaussian fits of the training cells (float64): mean_s, cov_s, mean_t, cov_t."""
