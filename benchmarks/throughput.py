@@ -3,16 +3,18 @@
     python benchmarks/throughput.py [--dims 24 50] [--stacks 1 8 32 128] [--steps N]
                                     [--device cpu|cuda] [--threads T] [--out FILE.json] [--quick]
 
-For each dimension d and stack size K, on synthetic Gaussian data, with the CellOT defaults
-(ICNN 4 x 64, 10 inner g-steps per outer step, Adam) and batch 256:
+For each dimension d and stack size K, on synthetic Gaussian data, with CellOT's `--loop` (default:
+the engine's defaults, amortised-conjugate dual with 10 conjugate steps per outer step; published:
+CellOT's min-max, 10 inner g-steps per outer step) and batch 256:
   - stacked:          one K-map solver, K * outer steps / s;
   - one_at_a_time:    K separate K=1 solvers, each trained the same number of outer steps, one after
                       the other, K * outer steps / total s (for K > --subset, --subset of them are
                       timed and the time is scaled by K / subset);
   - ratio:            stacked / one_at_a_time.
 Both are timed side by side in this process (alternating, each after its own warm-up steps), and the
-medians over --repeats repeats are reported. A single map at d=48 is also timed and compared with the
-authors' CellOT code (a constant measured by the project lead on one core of this project's machine).
+medians over --repeats repeats are reported. A single map at d=48 is also timed with both loops and
+compared with the authors' CellOT code (a constant measured by the project lead on one core of this
+project's machine; their loop is the published one, so that ratio compares like with like).
 
 Only torch, numpy and the training core are imported (no Ray), so it runs on a bare GPU box.
 Prints one JSON document; `main(argv)` returns it as a dict.
@@ -37,12 +39,14 @@ if __package__ in (None, ""):  # run as a script from a checkout: make `engine` 
 
 from benchmarks.report import emit  # noqa: E402
 from engine.solvers import build_solver  # noqa: E402
+from engine.solvers.cellot import CellOT  # noqa: E402
 from engine.solvers.base import StackSolver  # noqa: E402
 from engine.options import DataError  # noqa: E402
 from engine.train.device import resolve_device  # noqa: E402
 from engine.train.stack_data import StackData, map_seed  # noqa: E402
 
 SOLVER = "cellot"
+LOOPS: dict[str, dict[str, Any]] = {"default": {}, "published": dict(CellOT.published)}
 BATCH_SIZE = 256
 TRAIN_CELLS, VALID_CELLS = 2000, 100  # per map and population (validation cells are not used here)
 REFERENCE = {
@@ -71,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference-steps", type=int, default=None, help="timed outer steps of the d=48 single map per repeat (default 25; --quick 10)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: per-core numbers)")
+    p.add_argument("--loop", choices=sorted(LOOPS), default="default",
+                   help="CellOT settings: default (amortised dual) or published (CellOT's min-max)")
     p.add_argument("--quick", action="store_true", help="~30 s smoke run: d=24, K in 1 8, few steps")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     given = sys.argv[1:] if argv is None else list(argv)
@@ -102,11 +108,12 @@ def synthetic_maps(n_maps: int, dim: int, seed: int) -> tuple[list[np.ndarray], 
     return pops
 
 
-def build(pops: tuple[list[np.ndarray], ...], maps: list[int], device: torch.device, tag: str) -> tuple[StackData, StackSolver]:
-    """A CellOT solver (engine defaults: published constants, Gaussian init) for `maps`, on `device`."""
+def build(pops: tuple[list[np.ndarray], ...], maps: list[int], device: torch.device, tag: str,
+          loop: str) -> tuple[StackData, StackSolver]:
+    """A CellOT solver with the settings of `loop` (LOOPS) for `maps`, on `device`."""
     seeds = [map_seed(0, f"{tag}{k}") for k in maps]
     data = StackData(*([pop[k] for k in maps] for pop in pops), seeds=seeds, batch_size=BATCH_SIZE, device=device)
-    solver = build_solver(SOLVER, len(maps), data.dim)
+    solver = build_solver(SOLVER, len(maps), data.dim, LOOPS[loop])
     solver.initialize(data, seeds)
     solver.to(device)
     solver.start_training(solver.plan(solver.config, 10**9))
@@ -143,9 +150,9 @@ def measure_pair(dim: int, n_maps: int, args: argparse.Namespace, device: torch.
     """Stacked vs one-at-a-time map-steps/s for K = n_maps at dimension dim."""
     steps = steps_for(n_maps, args)
     pops = synthetic_maps(n_maps, dim, seed=dim * 1000 + n_maps)
-    stacked = Runner(*build(pops, list(range(n_maps)), device, "m"), device)
+    stacked = Runner(*build(pops, list(range(n_maps)), device, "m", args.loop), device)
     timed = list(range(min(n_maps, args.subset)))
-    singles = [Runner(*build(pops, [k], device, "m"), device) for k in timed]
+    singles = [Runner(*build(pops, [k], device, "m", args.loop), device) for k in timed]
     stacked.run(args.warmup)
     for single in singles:
         single.run(args.warmup)
@@ -176,12 +183,17 @@ def measure_pair(dim: int, n_maps: int, args: argparse.Namespace, device: torch.
     return row
 
 
-def measure_reference(args: argparse.Namespace, device: torch.device) -> float:
-    """Outer steps/s of one map at the reference dimension (median over repeats)."""
+def measure_reference(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Outer steps/s of one map at the reference dimension, per loop (medians; timed side by side)."""
     dim = REFERENCE["dim"]
-    runner = Runner(*build(synthetic_maps(1, dim, seed=dim), [0], device, "ref"), device)
-    runner.run(args.warmup)
-    return statistics.median([args.reference_steps / runner.run(args.reference_steps) for _ in range(args.repeats)])
+    runners = {loop: Runner(*build(synthetic_maps(1, dim, seed=dim), [0], device, "ref", loop), device) for loop in LOOPS}
+    rates: dict[str, list[float]] = {loop: [] for loop in LOOPS}
+    for runner in runners.values():
+        runner.run(args.warmup)
+    for _ in range(args.repeats):
+        for loop, runner in runners.items():
+            rates[loop].append(args.reference_steps / runner.run(args.reference_steps))
+    return {loop: statistics.median(values) for loop, values in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -205,10 +217,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "throughput",
         "solver": SOLVER,
         "config": {
-            "solver": "cellot defaults (ICNN 4 x 64, LeakyReLU 0.2, inner_steps 10, Adam lr 1e-4 betas (0.5, 0.9), init gaussian)",
+            "loop": args.loop,
+            "solver": str(build_solver(SOLVER, 1, 2, LOOPS[args.loop]).config),
             "batch_size": BATCH_SIZE,
             "train_cells_per_map": TRAIN_CELLS,
-            "timed": "solver.train_step (on-device sampling + 10 g-steps + 1 f-step); no evaluation, checkpoints or loop bookkeeping",
+            "timed": "solver.train_step (on-device sampling; default: 11 conjugate evaluations + 1 g-step + 1 f-step; "
+                     "published: 10 g-steps + 1 f-step); no evaluation, checkpoints or loop bookkeeping",
             "warmup_steps": args.warmup,
             "steps_per_repeat": args.steps if args.steps is not None else "max(3, ceil(32 / K)), per result row",
             "repeats": args.repeats,
@@ -229,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "dim": REFERENCE["dim"],
             "outer_steps_per_s": single,
             "reference": REFERENCE,
-            "ratio_to_reference": single / REFERENCE["outer_steps_per_s"],
+            "ratio_to_reference": {loop: rate / REFERENCE["outer_steps_per_s"] for loop, rate in single.items()},
             "comparable_to_reference": comparable,
         },
         "seconds": time.perf_counter() - started,

@@ -24,11 +24,13 @@ from engine.config import RunConfig
 from engine.data import DataError, MapKey, PreparedData, prepare, read_h5ad
 from engine.rundir import RunDir, default_run_dir
 from engine.store import Store
-from engine.train.evaluation import evaluate_maps, metric_rows
+from engine.train.evaluation import BASELINE_MAPS, evaluate_maps, metric_rows
 from engine.train.saved_maps import SavedMaps, predict_cells
+from engine.train.stack import stack_data
 
 ProgressFn = Callable[[int, int, int, int], None]
-FINAL_SPLITS = {"test": "model", "test_identity": "identity", "test_observed": "observed"}
+FINAL_SPLITS = {"test": "model", "test_identity": "identity", "test_observed": "observed",
+                **{f"test_{name}": name for name in BASELINE_MAPS}}
 DONE = ("trained", "diverged")  # map statuses of a finished map
 
 
@@ -76,7 +78,7 @@ class FitResult:
 
     def summary(self, metric: str | None = None) -> pd.DataFrame:
         """Final test metrics, one row per (map, metric), the model beside its baselines (columns
-        model, identity, observed; NaN where a metric was not computable)."""
+        model, identity, observed, mean_shift, gaussian; NaN where a metric was not computable)."""
         final = self.metrics(metric=metric)
         final = final[final["split"].isin(list(FINAL_SPLITS))]
         columns = ["perturbation", "metric", *FINAL_SPLITS.values()]
@@ -122,7 +124,8 @@ class FitResult:
             for saved in stacks:
                 keys = [known[n] for n in saved.names]
                 step = saved.solver.plan(saved.solver.config, self.config.train.steps).total
-                evaluated = evaluate_maps(prepared, keys, saved.solver, saved.device, seed, saved.contexts,
+                data = stack_data(prepared, keys, self.config, saved.device)
+                evaluated = evaluate_maps(prepared, keys, saved.solver, data, seed,
                                           bootstrap=bootstrap, markers=markers, sinkhorn=sinkhorn)
                 for key, (rows, _, _) in zip(keys, evaluated):
                     store.upsert_metrics(metric_rows(self.run_id, key, rows, step))

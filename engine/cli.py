@@ -68,7 +68,9 @@ def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("--seed", type=int, help="seed of splits, initialisation and minibatches (default 0)")
     p.add_argument("--steps", type=int, help="outer training steps per map, all phases (default 2000)")
     p.add_argument("--device", help="auto (default: a GPU per worker when Ray has GPUs) | cpu | cuda | cuda:N")
-    p.add_argument("--published-steps", action="store_true", help="use the paper's step count (CellOT: 100k)")
+    p.add_argument("--published", action="store_true",
+                   help="the paper's exact method: its constants and step count (CellOT: min-max, uniform init, "
+                        "lr 1e-4, 100k steps); --steps and --set still apply")
 
 
 def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str | None, control: str | None,
@@ -86,7 +88,7 @@ def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str |
         args.config, args.set, dataset=dataset, condition_key=condition_key, control=control,
         perturbations=wanted, split_by=split_by, holdout=holdout, preprocess=args.preprocess, embed=args.embed,
         obsm_key=args.obsm_key, select_on=args.select_on, seed=args.seed, solver=args.solver,
-        published_steps=args.published_steps or None, steps=args.steps, device=args.device,
+        published=args.published or None, steps=args.steps, device=args.device,
         address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
     )
 
@@ -119,7 +121,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dataset = out / "synthetic.h5ad"
     make_synthetic(n_perturbations=4, n_groups=2, dim=10, n_cells=1000, seed=0).write_h5ad(dataset)
     print(f"synthetic data: 2 groups x 4 perturbations, 10 features -> {dataset}", file=sys.stderr)
-    if args.steps is None and not args.published_steps:
+    if args.steps is None and not args.published:
         args.steps = DEMO_STEPS
     if args.workers is None:
         args.workers = min(2, os.cpu_count() or 1)
@@ -235,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="SQLAlchemy URL (default: every runs/*/metrics.sqlite)")
     p.add_argument("--root", default="runs", help="where to look for run directories")
     p.set_defaults(func=cmd_runs)
-    p = sub.add_parser("metrics", help="metrics of a run: per map, model vs identity vs observed")
+    p = sub.add_parser("metrics", help="metrics of a run: per map, model vs identity, observed, mean_shift, gaussian")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--store")
     p.add_argument("--metric", help="only this metric")
@@ -244,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_metrics)
     p = sub.add_parser("bench", add_help=False,
                        help="benchmarks (JSON out): stacked vs one-at-a-time (`bench --help`), 1 vs 2 Ray workers "
-                            "(`bench workers`), data preparation (`bench data_prep`)")
+                            "(`bench workers`), data preparation (`bench data_prep`), W2 solvers against known maps "
+                            "(`bench ground_truth`)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -102,7 +102,8 @@ class RunConfig:
         """A config file (YAML with sections dataset, data, solver, train, cluster), then the flags
         that are not None, then `section.key=value` overrides (values parsed as YAML), in that order.
 
-        flags: dataset, solver, seed (data and train), published_steps, solver_params / train_params
+        flags: dataset, solver, seed (data and train), published (the solver's `published` settings and
+        step count, under explicit flags), solver_params / train_params
         (dicts merged into their sections), and the keys of DATA_FLAGS, TRAIN_FLAGS, CLUSTER_FLAGS.
         """
         raw: dict[str, Any] = {}
@@ -113,7 +114,7 @@ class RunConfig:
                 raise DataError(f"cannot read config {file}: {error}") from error
             if not isinstance(raw, dict):
                 raise DataError(f"{file}: expected a YAML mapping with sections {', '.join(SECTIONS)}")
-        known = {"dataset", "solver", "seed", "published_steps", "solver_params", "train_params",
+        known = {"dataset", "solver", "seed", "published", "solver_params", "train_params",
                  *DATA_FLAGS, *TRAIN_FLAGS, *CLUSTER_FLAGS}
         unknown = sorted(set(flags) - known)
         if unknown:
@@ -126,14 +127,16 @@ class RunConfig:
             sections[section].update({k: given[k] for k in names if k in given})
         if "seed" in given:
             sections["data"]["seed"] = sections["train"]["seed"] = given["seed"]
+        sections["solver"]["name"] = given.get("solver", sections["solver"].get("name", "cellot"))
+        if given.get("published"):
+            solver = solver_class(sections["solver"]["name"])
+            if not solver.published_steps:
+                raise DataError(f"solver {solver.name} has no published configuration")
+            sections["solver"].update(solver.published)
+            if "steps" not in given:
+                sections["train"]["steps"] = solver.published_steps
         sections["solver"].update(given.get("solver_params", {}))
         sections["train"].update(given.get("train_params", {}))
-        sections["solver"]["name"] = given.get("solver", sections["solver"].get("name", "cellot"))
-        if given.get("published_steps") and "steps" not in given:
-            published = solver_class(sections["solver"]["name"]).published_steps
-            if not published:
-                raise DataError(f"solver {sections['solver']['name']} has no published step count")
-            sections["train"]["steps"] = published
         raw.update(sections)
         return cls.from_dict(apply_overrides(raw, overrides))
 

@@ -84,14 +84,14 @@ def test_demo_metrics_and_predict(ray_session, tmp_path, capsys):
     assert "8 maps" in printed and "identity" in printed
     assert main(["metrics", "--run", str(out), "--format", "csv"]) == 0
     csv = capsys.readouterr().out.splitlines()
-    assert csv[0] == "perturbation,metric,model,identity,observed" and len(csv) > 8
+    assert csv[0] == "perturbation,metric,model,identity,observed,mean_shift,gaussian" and len(csv) > 8
     from engine.api import FitResult
 
     trained = FitResult.load(out).metrics().set_index(["perturbation", "split", "metric", "step"])["value"]
     assert main(["evaluate", "--run", str(out), "--bootstrap", "2"]) == 0
     evaluated = FitResult.load(out).metrics().set_index(["perturbation", "split", "metric", "step"])["value"]
     boot = evaluated[evaluated.index.get_level_values("metric") == "mmd_boot_mean"]
-    assert set(boot.index.get_level_values("split")) == {"test", "test_identity", "test_observed"}
+    assert set(boot.index.get_level_values("split")) == {"test", "test_identity", "test_observed", "test_mean_shift", "test_gaussian"}
     assert boot.notna().all()
     # evaluate rewrites the training run's final rows with the same values (seeded per map)
     final = trained[trained.index.get_level_values("split").str.startswith("test")]

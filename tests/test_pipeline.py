@@ -41,7 +41,7 @@ def test_final_metrics_have_model_and_baselines(trained):
     result, _, _ = trained
     final = result.metrics(metric="mmd")
     table = final[final["split"].str.startswith("test")].pivot_table(index="perturbation", columns="split", values="value")
-    assert set(table.columns) == {"test", "test_identity", "test_observed"}
+    assert set(table.columns) == {"test", "test_identity", "test_observed", "test_mean_shift", "test_gaussian"}
     assert len(table) == 4 and np.isfinite(table.to_numpy()).all()
     valid = result.metrics(split="valid", metric="mmd")
     assert sorted(valid["step"].unique()) == [0, 30, 60]
@@ -50,7 +50,7 @@ def test_final_metrics_have_model_and_baselines(trained):
 def test_summary_and_the_selection_protocol_in_the_store(trained):
     result, _, _ = trained
     summary = result.summary()
-    assert list(summary.columns) == ["perturbation", "metric", "model", "identity", "observed"]
+    assert list(summary.columns) == ["perturbation", "metric", "model", "identity", "observed", "mean_shift", "gaussian"]
     assert set(summary["perturbation"]) == {"g0/pert0", "g0/pert1", "g1/pert0", "g1/pert1"}
     assert {"mmd", "mmd50", "l2_means", "energy"} <= set(summary["metric"])
     assert result.succeeded()

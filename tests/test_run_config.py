@@ -30,11 +30,20 @@ def test_resolve_layers_file_then_flags_then_overrides(tmp_path):
     assert again.to_dict() == config.to_dict() and again.solver_config() == config.solver_config()
 
 
-def test_resolve_defaults_published_steps_and_typed_values():
+def test_resolve_defaults_published_and_typed_values():
     base = {"dataset": "x.h5ad", "condition_key": "c", "control": "ctrl"}
-    assert RunConfig.resolve(**base).train.steps == 2000
-    assert RunConfig.resolve(**base, published_steps=True).train.steps == 100_000
-    assert RunConfig.resolve(**base, published_steps=True, steps=7).train.steps == 7
+    default = RunConfig.resolve(**base)
+    assert default.train.steps == 2000 and default.solver_config().dual == "amortized"
+    published = RunConfig.resolve(**base, published=True)
+    assert published.train.steps == 100_000
+    c = published.solver_config()
+    assert (c.dual, c.init, c.lr, c.lr_schedule, c.inner_steps) == ("minmax", "uniform", 1e-4, "constant", 10)
+    # explicit flags and --set win over the published settings
+    mixed = RunConfig.resolve(overrides=["solver.init=gaussian"], **base, published=True, steps=7)
+    assert mixed.train.steps == 7 and mixed.solver_config().init == "gaussian"
+    assert mixed.solver_config().dual == "minmax"
+    with pytest.raises(DataError, match="no published configuration"):
+        RunConfig.resolve(**base, solver="identity", published=True)
     typed = RunConfig.resolve(overrides=["solver.betas=[0.1, 0.2]", "train.steps='12'"], **base)
     assert typed.solver_config().betas == (0.1, 0.2) and typed.train.steps == 12
     with pytest.raises(DataError, match="inner_steps"):

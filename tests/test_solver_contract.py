@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from engine.data import MapKey
+from engine.metrics.evaluate import evaluate_map
 from engine.solvers import SOLVERS, build_solver
 from engine.solvers.base import Phase, Plan, StackSolver, Transport, make_config
 from engine.train.checkpoint import load_checkpoint
@@ -653,8 +654,9 @@ def test_validation_and_prediction_pass_the_per_map_contexts(tmp_path: Path):
             np.testing.assert_allclose(predicted[k][0], expected.numpy(), rtol=0, atol=1e-6)
 
 
-def test_evaluate_maps_passes_the_per_map_contexts():
-    """evaluate_maps predicts each map's test controls with the contexts it is given."""
+def test_evaluate_maps_passes_the_per_map_contexts_and_scores_the_baselines():
+    """evaluate_maps predicts each map's test controls with the stack's contexts, and scores the
+    mean_shift and gaussian maps fitted on the stack's training cells beside the model."""
     data, solver = fresh(SharedContext.name)
     keys = [MapKey(f"g{k}", "drug") for k in range(3)]  # map k: group gk
 
@@ -663,11 +665,19 @@ def test_evaluate_maps_passes_the_per_map_contexts():
         return ARRAYS[2][k] if condition == "ctrl" else ARRAYS[3][k]
 
     prepared = SimpleNamespace(spec=SimpleNamespace(control="ctrl"), embedding=None, markers={}, cells=cells)
-    results = evaluate_maps(prepared, keys, solver, CPU, seed=0, contexts=data.contexts)
+    results = evaluate_maps(prepared, keys, solver, data, seed=0)
     assert len(results) == 3 and len(solver.seen) == 1
     torch.testing.assert_close(solver.seen[0], data.contexts, rtol=0, atol=0)
+    gaussian = build_solver("gaussian", 3, data.dim)
+    gaussian.initialize(data, [])
+    by_gaussian = predict_cells(gaussian, ARRAYS[2], CPU)
     for k, (rows, predicted, weights) in enumerate(results):
-        assert predicted.shape == ARRAYS[2][k].shape and weights is None and rows
+        assert predicted.shape == ARRAYS[2][k].shape and weights is None
+        mmd_of = {r.split: r.value for r in rows if r.metric == "mmd"}
+        assert set(mmd_of) == {"test", "test_identity", "test_observed", "test_mean_shift", "test_gaussian"}
+        # fewer cells than the metrics' subsample size: the baseline's row is its prediction's score
+        direct = evaluate_map(by_gaussian[k][0], ARRAYS[3][k], ARRAYS[2][k], ARRAYS[3][k], knn=False, sinkhorn=False)
+        assert mmd_of["test_gaussian"] == pytest.approx(next(r.value for r in direct if r.split == "test" and r.metric == "mmd"), rel=1e-6)
 
 
 def test_batches_carry_their_cells_contexts():

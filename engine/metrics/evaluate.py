@@ -1,9 +1,11 @@
-"""Evaluation of one map on held-out cells, beside the identity and observed baselines.
+"""Evaluation of one map on held-out cells, beside its baselines.
 
-Three populations are scored against the held-out perturbed cells (all in data space, optionally on
-the map's marker features), following CellOT (Bunne et al. 2023):
-``test`` the model's prediction from held-out controls, ``test_identity`` the held-out controls
-unchanged (the upper bound on error), ``test_observed`` the training perturbed cells (the noise floor).
+Populations scored against the held-out perturbed cells (all in data space, optionally on the map's
+marker features), following CellOT (Bunne et al. 2023): ``test`` the model's prediction from
+held-out controls, ``test_identity`` the held-out controls unchanged (the upper bound on error),
+``test_observed`` the training perturbed cells (the noise floor), and the closed-form maps fitted on
+the training cells, applied to the same held-out controls: ``test_mean_shift`` and ``test_gaussian``
+(the Bures map, which a neural map must beat to earn its place).
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ BOOTSTRAP_SIZES = (100, 1500)
 
 POPULATIONS = ("target_test", "test", "test_identity", "test_observed")
 PURPOSES = ("sample", "knn", "bootstrap")
-"""A random stream per (seed, population, purpose), seeded by the two indices in these tuples (`_rng`)."""
+"""A random stream per (seed, population, purpose), seeded by the two indices in these tuples (`_rng`).
+Baseline maps (`baselines` of evaluate_map) use the streams of `test`: their cells come from the same
+test controls, so model and baselines are scored on the same subsamples (a paired comparison)."""
 
 
 class MetricRow(NamedTuple):
-    """One metric of one evaluated population (``split``: test, test_identity or test_observed)."""
+    """One metric of one evaluated population (``split``: test, test_identity, test_observed, or a baseline map's)."""
 
     split: str
     metric: str
@@ -119,11 +123,13 @@ def evaluate_map(
     knn: bool = True,
     sinkhorn: bool = True,
     max_cells: int = 2000,
+    baselines: dict[str, np.ndarray] | None = None,
 ) -> list[MetricRow]:
-    """Score a map's prediction and both baselines against the held-out perturbed cells.
+    """Score a map's prediction and its baselines against the held-out perturbed cells.
 
     Inputs are float arrays ``[n_cells, n_features]`` in data space; ``features`` selects columns
-    (the map's markers). Per split: ``mmd`` (6 gammas), ``mmd50`` (50 gammas), ``l2_means``,
+    (the map's markers); ``baselines`` maps a split name (``test_mean_shift``, ``test_gaussian``)
+    to the cells that baseline predicted from ``source_test``. Per split: ``mmd`` (6 gammas), ``mmd50`` (50 gammas), ``l2_means``,
     ``r_means`` (Pearson r of the mean vectors), ``r2_means`` (its square), ``energy``,
     ``sinkhorn_div_eps0.01`` (when ``sinkhorn``), ``knn_enrich50`` (when ``knn``; on equal-size
     subsets, 0.5 = mixed; NaN, not computable, below 2k = 100 cells per side), and for ``test``
@@ -144,18 +150,20 @@ def evaluate_map(
         "test": cells_of(pred),
         "test_identity": cells_of(source_test),
         "test_observed": cells_of(target_train),
+        **{split: cells_of(cells) for split, cells in (baselines or {}).items()},
     }
     rows: list[MetricRow] = []
     for split, cells in populations.items():
-        keep = _subsample(len(cells), max_cells, _rng(seed, split, "sample"))
+        stream = "test" if split in (baselines or {}) else split
+        keep = _subsample(len(cells), max_cells, _rng(seed, stream, "sample"))
         cells_sample = cells[keep]
         scores = _scores(cells, target, cells_sample, target_sample, sinkhorn)
         if knn:
-            scores[f"knn_enrich{KNN_K}"] = _knn_score(cells_sample, target_sample, _rng(seed, split, "knn"))
+            scores[f"knn_enrich{KNN_K}"] = _knn_score(cells_sample, target_sample, _rng(seed, stream, "knn"))
         if split == "test" and pred_weights is not None:
             weights = torch.from_numpy(np.asarray(pred_weights, dtype=np.float64))[keep]
             scores["mmd_weighted"] = float(mmd(cells_sample, target_sample, MMD_GAMMAS, x_weights=weights))
         if bootstrap > 0:
-            scores.update(_bootstrap(cells, target, bootstrap, _rng(seed, split, "bootstrap")))
+            scores.update(_bootstrap(cells, target, bootstrap, _rng(seed, stream, "bootstrap")))
         rows += [MetricRow(split, name, value) for name, value in scores.items()]
     return rows

@@ -83,7 +83,7 @@ class StackedICNN(nn.Module):
 
     @torch.no_grad()
     def clamp_hidden_weights(self) -> None:
-        """Project onto the convex set: W_i, gate <- max(., 0) (applied to f after each of its steps)."""
+        """Project onto the convex set: W_i, gate <- max(., 0) (after each step of a potential that must stay convex)."""
         for weight in self._hidden_path():
             weight.clamp_(min=0)
 

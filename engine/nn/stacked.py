@@ -32,9 +32,10 @@ class StackedQuadratic(nn.Module):
     potential's Hessian could never fall below A and the map could never contract or expand past its
     start) while the ICNN adds the residual. As in CondOT, where the quadratic enters through a
     hidden layer whose weights start at 1/width, s is `width` weights of 1/width: Adam moves each by
-    about lr per step, so s adapts at the speed of a hidden layer (a single scalar at lr 1e-4 would
-    need ~10k steps to double). Training A itself made the min-max cycle and diverge in our d = 8
-    Gaussian test (L2-UVP 24% at step 500, 12,890% at 3000).
+    about its lr per step, so s moves by up to width x lr (a single scalar at lr 1e-4 would need ~10k
+    steps to double), which is why CellOT gives the gate its own, smaller lr (`gate_lr`). Training A
+    itself made the min-max cycle and diverge in our d = 8 Gaussian test (L2-UVP 24% at step 500,
+    12,890% at 3000).
     """
 
     def __init__(self, n_maps: int, dim: int, width: int = 64) -> None:
@@ -46,6 +47,10 @@ class StackedQuadratic(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = 0.5 * (torch.bmm(x, self.matrix) * x).sum(-1, keepdim=True) + (x * self.shift).sum(-1, keepdim=True)
         return self.gate.sum(-1, keepdim=True) * q
+
+    def inverse_hessian(self) -> torch.Tensor:
+        """(s A)^-1 [K, d, d], the inverse Hessian of q (a preconditioner for conjugate solvers)."""
+        return torch.linalg.inv_ex(self.matrix).inverse / self.gate.detach().sum(-1, keepdim=True).clamp_min(1e-6)
 
     @torch.no_grad()
     def set_affine(self, matrix: torch.Tensor, shift: torch.Tensor) -> None:

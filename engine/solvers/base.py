@@ -25,8 +25,10 @@ devices, evaluation cadence, best-state selection, divergence and checkpoints li
   parameter and buffer, so maps are kept, restored and frozen by mask independently. A shared
   solver (`shared = True`, one model over all contexts) is one selection unit: its best state is
   chosen on the mean validation MMD over its contexts and it diverges as a whole.
-- Options: `Config` is a dataclass of the published defaults; `make_config` parses plain values
-  (YAML, `--set`) with type checks (engine.options).
+- Options: `Config` is a dataclass of the solver's defaults, the published constants unless the
+  solver says otherwise; `published` lists the Config values that reproduce the paper where the
+  defaults differ (`--published`); `make_config` parses plain values (YAML, `--set`) with type
+  checks (engine.options).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from engine.options import parse_options
+from engine.options import DataError, parse_options
 from engine.train.stack_data import StackData
 
 State = dict[str, torch.Tensor]
@@ -120,13 +122,14 @@ class Plan:
 
 
 class StackSolver(nn.Module):
-    """Base class: subclasses set `name`, `Config` (a dataclass of published defaults) and the steps."""
+    """Base class: subclasses set `name`, `Config` (a dataclass of their defaults) and the steps."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
     trainable: ClassVar[bool] = True
     shared: ClassVar[bool] = False  # one model over all contexts (no map axis on its parameters)
     published_steps: ClassVar[int] = 0
+    published: ClassVar[dict[str, Any]] = {}  # Config values of the paper where our defaults differ
 
     def __init__(self, n_maps: int, dim: int, config: Any, context_dim: int = 0) -> None:
         super().__init__()
@@ -210,6 +213,13 @@ class StackSolver(nn.Module):
         }
 
     def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore optimizers and schedulers; DataError for a checkpoint of other solver settings."""
+        saved = (set(state["optimizers"]), set(state["schedulers"]),
+                 [len(o["param_groups"]) for o in state["optimizers"].values()])
+        wanted = (set(self.optimizers), set(self.schedulers), [len(o.param_groups) for o in self.optimizers.values()])
+        if saved != wanted:
+            raise DataError("the checkpoint was written with other solver settings (optimizers, schedules); "
+                            "start a new run directory or restore that run's config")
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         for name, scheduler in self.schedulers.items():

@@ -1,20 +1,23 @@
-"""Final evaluation of trained maps on test cells, beside the identity and observed baselines.
+"""Final evaluation of trained maps on test cells, beside their baselines.
 
-Each map predicts its test controls (with its context); the prediction is decoded to data space
+Each map predicts its test controls (with its context); so do the closed-form `mean_shift` and
+`gaussian` (Bures) maps fitted on the same training cells. The predictions are decoded to data space
 when the run trained in a latent, and scored against the map's test perturbed cells on its marker
-features (engine.metrics.evaluate_map). Test cells never influence training: selection reads the
-valid split (unless the run chose `select_on: test`, CellOT's protocol).
+features (engine.metrics.evaluate_map), beside the identity and observed baselines. Test cells
+never influence training: selection reads the valid split (unless the run chose `select_on: test`,
+CellOT's protocol).
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from engine.data import MapKey, PreparedData
 from engine.metrics.evaluate import MetricRow, evaluate_map
-from engine.solvers import StackSolver
+from engine.solvers import StackSolver, build_solver
 from engine.train.saved_maps import predict_cells
-from engine.train.stack_data import map_seed
+from engine.train.stack_data import StackData, map_seed
+
+BASELINE_MAPS = ("mean_shift", "gaussian")  # fitted per map, scored as split test_<name>
 
 Evaluated = tuple[list[MetricRow], np.ndarray, np.ndarray | None]
 
@@ -23,9 +26,8 @@ def evaluate_maps(
     prepared: PreparedData,
     keys: list[MapKey],
     solver: StackSolver,
-    device: torch.device,
+    data: StackData,
     seed: int,
-    contexts: torch.Tensor | None = None,
     *,
     bootstrap: int = 0,
     markers: int | None = None,
@@ -33,15 +35,25 @@ def evaluate_maps(
 ) -> list[Evaluated]:
     """Predict each map's test controls and score them: [(rows, predicted cells (data space), weights)].
 
-    The metrics' subsamples are seeded per map (run seed and map name), so the same run scores the
+    `data` is the stack's training data: its contexts go to the maps, its training cells fit the
+    baseline maps, its device runs the predictions. The metrics' subsamples are seeded per map (run seed and map name), so the same run scores the
     same whatever the stack, the device or the options (bootstrap, sinkhorn) asked for.
     """
     control = prepared.spec.control
     sources = [prepared.cells(k.group, control, "test") for k in keys]
+
+    def decoded(cells: np.ndarray) -> np.ndarray:
+        return cells if prepared.embedding is None else prepared.embedding.decode(cells).astype(np.float32)
+
+    baselines = {}
+    for name in BASELINE_MAPS:
+        baseline = build_solver(name, len(keys), data.dim)
+        baseline.initialize(data, [])
+        baseline.to(data.device)
+        baselines[f"test_{name}"] = [decoded(c) for c, _ in predict_cells(baseline, sources, data.device)]
     results = []
-    for key, (cells, weights) in zip(keys, predict_cells(solver, sources, device, contexts)):
-        if prepared.embedding is not None:
-            cells = prepared.embedding.decode(cells).astype(np.float32)
+    for k, (key, (cells, weights)) in enumerate(zip(keys, predict_cells(solver, sources, data.device, data.contexts))):
+        cells = decoded(cells)
         features = prepared.markers.get(key.name)
         if features is not None and markers is not None:
             features = features[:markers]
@@ -55,6 +67,7 @@ def evaluate_maps(
             bootstrap=bootstrap,
             seed=map_seed(seed, key.name),
             sinkhorn=sinkhorn,
+            baselines={split: predicted[k] for split, predicted in baselines.items()},
         )
         results.append((rows, cells, weights))
     return results

@@ -29,7 +29,7 @@ from engine.train.stack_data import StackData
 class TrainConfig:
     """Training-loop settings shared by all solvers (solver constants live in the solver's Config)."""
 
-    steps: int = 2000  # outer steps over all phases; CellOT published 100k (`--published-steps`)
+    steps: int = 2000  # outer steps over all phases; CellOT published 100k (`--published`)
     batch_size: int = 256
     eval_every: int = 250
     eval_cells: int = 500  # validation cells per map for the periodic validation MMD
@@ -214,7 +214,11 @@ def _resume(path: Path, plan: Plan, solver: StackSolver, data: StackData, book: 
     if not plan.continues(saved, int(state["step"])):
         raise DataError(f"checkpoint {path} was made at step {state['step']} of plan {saved}; this run's plan "
                         f"{plan.describe()} does not continue it (same phases; only the last may change length)")
-    solver.load_state_dict(state["solver"])
+    try:
+        solver.load_state_dict(state["solver"])
+    except RuntimeError as error:  # missing / unexpected / mis-shaped parameters
+        raise DataError(f"checkpoint {path} was written with other solver settings (its parameters do not fit); "
+                        "start a new run directory or restore that run's config") from error
     solver.load_training_state(state["training"])
     book.load(state["book"])
     data.draws = state["draws"]

@@ -91,7 +91,7 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
     reporter.metrics([{"run_id": run.run_id, "perturbation": k.name, "split": "train", "metric": "train_seconds",
                        "value": outcome.seconds, "step": outcome.steps} for k in keys])
     records: dict[str, np.ndarray] = {}
-    evaluated = evaluate_maps(run.prepared, keys, solver, run.device, config.train.seed, data.contexts)
+    evaluated = evaluate_maps(run.prepared, keys, solver, data, config.train.seed)
     for k, (key, (rows, cells, weights)) in enumerate(zip(keys, evaluated)):
         reporter.metrics(metric_rows(run.run_id, key, rows, outcome.steps))
         records[f"cells/{k}"] = cells
