@@ -29,7 +29,6 @@ cosine schedule follows the plan's total: resuming with a larger `--steps` resta
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -39,6 +38,7 @@ from engine.nn.icnn import Init, StackedICNN
 from engine.ot.conjugate import fine_tune_conjugate
 from engine.ot.gaussian import COVARIANCE_RIDGE, bures_map
 from engine.solvers.base import Phase, Plan, StackSolver, Transport
+from engine.solvers.optim import adam_step, cosine_schedule
 from engine.train.stack_data import StackData
 
 Dual = Literal["amortized", "minmax"]
@@ -106,26 +106,10 @@ class CellOT(StackSolver):
         return {"f": adam(self.f), "g": adam(self.g)}
 
     def build_schedulers(self, plan: Plan) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        """Cosine: lr * (c + (1 - c) (1 + cos(pi t / T)) / 2) at outer step t of T, c = final_lr_fraction."""
+        """Cosine over the whole plan, down to final_lr_fraction of each lr (or none: constant)."""
         if self.config.lr_schedule == "constant":
             return {}
-        total, final = max(plan.total, 1), self.config.final_lr_fraction
-
-        def factor(step: int) -> float:
-            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
-
-        return {name: torch.optim.lr_scheduler.LambdaLR(opt, factor) for name, opt in self.optimizers.items()}
-
-    @staticmethod
-    def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        """One Adam step on the sum of per-map losses (maps share no parameter, so they stay independent)."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        # allow_unused: the output bias of g never reaches grad g (its .grad stays None, as with .backward()).
-        # contiguous: a gate's gradient comes back expanded (stride 0), and torch's fused CPU Adam
-        # reads such a gradient as if it were dense (garbage moments, NaN within 10 steps).
-        for p, grad in zip(params, torch.autograd.grad(loss.sum(), params, allow_unused=True)):
-            p.grad = None if grad is None else grad.contiguous()
-        optimizer.step()
+        return {name: cosine_schedule(opt, plan.total, self.config.final_lr_fraction) for name, opt in self.optimizers.items()}
 
     def train_step(self, data: StackData, step: int, phase: Phase) -> dict[str, torch.Tensor]:
         logs = self._amortized_step(data) if self.config.dual == "amortized" else self._minmax_step(data)
@@ -139,10 +123,10 @@ class CellOT(StackSolver):
         conjugate = fine_tune_conjugate(self.g, y, self.f.gradient(y), self.config.conjugate_steps, preconditioner)
         g_x = self.g(x).mean((1, 2))
         loss_g = g_x - self.g(conjugate.points).mean((1, 2))
-        self._step(self.optimizers["g"], loss_g)
+        adam_step(self.optimizers["g"], loss_g)
         self.g.clamp_hidden_weights()
         loss_f = (self.f.gradient(y, create_graph=True) - conjugate.points).square().sum(-1).mean(1)
-        self._step(self.optimizers["f"], loss_f)
+        adam_step(self.optimizers["f"], loss_f)
         with torch.no_grad():
             w2 = 0.5 * ((x * x).sum(-1).mean(1) + (y * y).sum(-1).mean(1)) - g_x - conjugate.values.mean(1)
         return {"loss_g": loss_g.detach(), "loss_f": loss_f.detach(), "w2_estimate": w2,
@@ -154,11 +138,11 @@ class CellOT(StackSolver):
             x = data.source_batch().requires_grad_(True)
             t = self.g.gradient(x, create_graph=True)
             loss_g = (self.f(t) - (x * t).sum(-1, keepdim=True)).mean((1, 2))
-            self._step(self.optimizers["g"], loss_g + self.config.penalty * self.g.negative_weight_penalty())
+            adam_step(self.optimizers["g"], loss_g + self.config.penalty * self.g.negative_weight_penalty())
         x = data.source_batch()
         t = self.g.gradient(x)
         f_t, f_y = self.f(t).mean((1, 2)), self.f(y).mean((1, 2))
-        self._step(self.optimizers["f"], f_y - f_t)
+        adam_step(self.optimizers["f"], f_y - f_t)
         self.f.clamp_hidden_weights()
         with torch.no_grad():
             dual = f_t - (x * t).sum(-1).mean(1)

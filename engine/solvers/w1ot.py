@@ -30,7 +30,6 @@ cosine schedule to 1e-5, which the paper does not mention (we keep the lr consta
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,7 +37,9 @@ import torch
 from torch.nn import functional as F
 
 from engine.nn.lipschitz import LipschitzPotential, StackedMLP
+from engine.options import DataError
 from engine.solvers.base import Phase, Plan, StackSolver, Transport
+from engine.solvers.optim import adam_step, cosine_schedule
 from engine.train.stack_data import StackData
 
 
@@ -57,6 +58,12 @@ class W1OTConfig:
     step_betas: tuple[float, float] = (0.9, 0.999)  # eta and D (not stated: torch's defaults)
     potential_fraction: float = 0.5  # share of the steps for phase 1 (published: 10k of 10k + 10k)
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.potential_fraction <= 1.0:
+            raise DataError(f"solver.potential_fraction must lie in [0, 1], got {self.potential_fraction}")
+        if any(width % self.groups for width in self.hidden):
+            raise DataError(f"GroupSort with {self.groups} groups needs widths divisible by it, got {tuple(self.hidden)}")
+
 
 class W1OT(StackSolver):
     """W1 maps T(x) = x - eta(x) grad f / |grad f|: 1-Lipschitz potential, then a GAN-trained step size."""
@@ -67,8 +74,6 @@ class W1OT(StackSolver):
 
     def __init__(self, n_maps: int, dim: int, config: W1OTConfig, context_dim: int = 0) -> None:
         super().__init__(n_maps, dim, config, context_dim)
-        if not 0.0 <= config.potential_fraction <= 1.0:
-            raise ValueError(f"potential_fraction must lie in [0, 1], got {config.potential_fraction}")
         self.f = LipschitzPotential(n_maps, dim, config.hidden, config.groups, config.orthonormal,
                                     config.bjorck_iterations)
         self.eta = StackedMLP(n_maps, dim, config.step_hidden, "softplus", config.negative_slope)
@@ -93,23 +98,9 @@ class W1OT(StackSolver):
         }
 
     def build_schedulers(self, plan: Plan) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        """Cosine over the potential phase: lr_t = final + (lr - final) (1 + cos(pi t / T)) / 2."""
-        total = max(plan.phases[0].steps, 1)
+        """Cosine over the potential phase from lr to final_lr (stepped only in that phase)."""
         final = self.config.final_lr / self.config.lr
-
-        def factor(step: int) -> float:
-            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
-
-        return {"potential": torch.optim.lr_scheduler.LambdaLR(self.optimizers["potential"], factor)}
-
-    @staticmethod
-    def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        """One Adam step on the sum of per-map losses [K] (maps share no parameter: they stay independent).
-        Gradients made contiguous: torch's fused CPU Adam misreads stride-0 gradients (see CellOT._step)."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        for p, grad in zip(params, torch.autograd.grad(loss.sum(), params)):
-            p.grad = grad.contiguous()
-        optimizer.step()
+        return {"potential": cosine_schedule(self.optimizers["potential"], plan.phases[0].steps, final)}
 
     def train_step(self, data: StackData, step: int, phase: Phase) -> dict[str, torch.Tensor]:
         if phase.name == "potential":
@@ -120,7 +111,7 @@ class W1OT(StackSolver):
         x, y = data.source_batch(), data.target_batch()
         values = self.f(torch.cat((x, y), dim=1))  # one pass: the orthonormal weights are built once
         w1 = values[:, : x.shape[1]].mean((1, 2)) - values[:, x.shape[1]:].mean((1, 2))
-        self._step(self.optimizers["potential"], -w1)
+        adam_step(self.optimizers["potential"], -w1)
         self.schedulers["potential"].step()
         return {"w1_estimate": w1.detach(), "loss_potential": -w1.detach()}
 
@@ -130,9 +121,9 @@ class W1OT(StackSolver):
         moved = x - self.eta(x) * direction
         loss_d = (F.softplus(-self.discriminator.logits(y)).mean((1, 2))
                   + F.softplus(self.discriminator.logits(moved.detach())).mean((1, 2)))
-        self._step(self.optimizers["discriminator"], loss_d)
+        adam_step(self.optimizers["discriminator"], loss_d)
         loss_eta = F.softplus(-self.discriminator.logits(moved)).mean((1, 2))
-        self._step(self.optimizers["eta"], loss_eta)
+        adam_step(self.optimizers["eta"], loss_eta)
         with torch.no_grad():
             w1 = f_x.mean((1, 2)) - self.f(y).mean((1, 2))
         return {"w1_estimate": w1, "loss_d": loss_d.detach(), "loss_eta": loss_eta.detach()}
