@@ -121,11 +121,13 @@ def build(pops: tuple[list[np.ndarray], ...], maps: list[int], device: torch.dev
 
 
 class Runner:
-    """Outer steps of one solver, with a clock that waits for the device."""
+    """Outer steps of one solver in one phase of its plan (default: the first), with a clock that
+    waits for the device."""
 
-    def __init__(self, data: StackData, solver: StackSolver, device: torch.device) -> None:
+    def __init__(self, data: StackData, solver: StackSolver, device: torch.device, phase: str | None = None) -> None:
         self.data, self.solver, self.device, self.step = data, solver, device, 0
-        self.phase = solver.plan(solver.config, 10**9).phases[0]
+        phases = solver.plan(solver.config, 10**9).phases
+        self.phase = phases[0] if phase is None else next(p for p in phases if p.name == phase)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
