@@ -17,7 +17,6 @@ from the Bures start at lr 1e-4, the engine's default before the amortised dual)
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import yaml
 if __package__ in (None, ""):  # run as a script from a checkout: make `engine` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import describe_device, emit  # noqa: E402
 from engine.data.synthetic import make_known_maps  # noqa: E402
 from engine.metrics.distances import cosine, l2_uvp  # noqa: E402
 from engine.solvers import build_solver  # noqa: E402
@@ -160,8 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "benchmark": "ground_truth",
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-                   "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "device": describe_device(device, torch.get_num_threads()),
         "results": results,
         "seconds": round(time.perf_counter() - started, 1),
     }

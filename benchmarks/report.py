@@ -3,8 +3,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 from pathlib import Path
 from typing import Any
+
+import torch
+
+
+def describe_device(device: torch.device, threads: int) -> dict[str, Any]:
+    """What a timing ran on: device type and name (GPU or CPU architecture), torch threads, CPUs, torch."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"type": device.type, "name": name, "torch_threads": threads, "cpu_count": os.cpu_count(), "torch": torch.__version__}
 
 
 def _json_safe(value: Any) -> Any:

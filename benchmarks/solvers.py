@@ -14,7 +14,6 @@ loop. The W1OT paper claims 2.5-4.5x per iteration over the W2 solver.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 if __package__ in (None, ""):  # run as a script from a checkout: make `engine` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import describe_device, emit  # noqa: E402
 from benchmarks.throughput import BATCH_SIZE, Runner, synthetic_maps  # noqa: E402
 from engine.solvers import build_solver  # noqa: E402
 from engine.solvers.cellot import CellOT  # noqa: E402
@@ -96,8 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {"cases": {c: CASES[c][:2] + (CASES[c][2] or "train",) for c in args.cases}, "batch_size": BATCH_SIZE,
                    "timed": "solver.train_step (on-device sampling + the step); median over repeats, cases in turn",
                    **{k: v for k, v in vars(args).items() if k != "out"}},
-        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-                   "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "device": describe_device(device, torch.get_num_threads()),
         "results": results,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +35,7 @@ import torch
 if __package__ in (None, ""):  # run as a script from a checkout: make `engine` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.report import describe_device, emit  # noqa: E402
 from engine.solvers import build_solver  # noqa: E402
 from engine.solvers.cellot import CellOT  # noqa: E402
 from engine.solvers.base import StackSolver  # noqa: E402
@@ -233,13 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{args.subset} maps are timed and the time is scaled by K / {args.subset}",
             "quick": args.quick,
         },
-        "device": {
-            "type": device.type,
-            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-            "torch_threads": args.threads,
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "device": describe_device(device, args.threads),
         "results": results,
         "single_map": {
             "dim": REFERENCE["dim"],
