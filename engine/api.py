@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,6 +34,7 @@ ProgressFn = Callable[[int, int, int, int], None]
 FINAL_SPLITS = {"test": "model", "test_identity": "identity", "test_observed": "observed",
                 **{f"test_{name}": name for name in BASELINE_MAPS}}
 DONE = ("trained", "diverged")  # map statuses of a finished map
+PREDICTION_COLUMNS = ("source_cell", "perturbation", "group", "weight")  # obs columns of a prediction
 
 
 class FitResult:
@@ -92,26 +95,82 @@ class FitResult:
     def _saved(self) -> tuple[PreparedData, list[SavedMaps]]:
         return PreparedData.load(self.dir.data), [SavedMaps(path) for path in self.dir.saved_maps()]
 
-    def predict(self, adata: ad.AnnData, perturbations: list[str] | None = None) -> ad.AnnData:
-        """Map every cell of `adata` (control cells) through each trained map, or the maps named."""
+    def predict(self, adata: ad.AnnData, perturbations: list[str] | None = None, groups: list[str] | None = None,
+                on_note: Callable[[str], None] | None = None) -> ad.AnnData:
+        """Predict perturbed cells from the control cells of `adata`, without retraining.
+
+        Which maps see which cells: when the run was split by a key (`--split-by`) that `adata.obs`
+        also has, each cell goes through the maps of its own group; `groups` sends every cell through
+        those groups' maps instead; otherwise every cell goes through every map. `perturbations`
+        (map names) narrows the maps. The rows carry the source cell's obs columns (a clashing
+        name gets a "source_" prefix), `uns['perturbot']` the run id, solver and config. `on_note`
+        (default: warnings.warn) hears about cells that are not controls or that no map takes.
+        """
+        note = on_note or (lambda message: warnings.warn(message, stacklevel=3))
         prepared, stacks = self._saved()
-        x = prepared.encode_controls(adata).astype(np.float32)
+        spec = prepared.spec
         known = {k.name: k for k in prepared.maps}
         wanted = set(perturbations or known)
         unknown = sorted(wanted - set(known))
         if unknown:
             raise DataError(f"unknown map(s) {', '.join(unknown)}; this run has {', '.join(sorted(known))}")
+        if spec.condition_key in adata.obs:
+            treated = int((adata.obs[spec.condition_key].astype(str) != spec.control).sum())
+            if treated:
+                note(f"{treated} of {adata.n_obs} input cells are not controls (obs[{spec.condition_key!r}] != "
+                     f"{spec.control!r}); they are mapped as if they were")
+        x = prepared.encode_controls(adata).astype(np.float32)
+        cells_of = self._cells_per_group(adata, prepared, groups, wanted, known, note)
+        source_obs = adata.obs.rename(columns=lambda c: f"source_{c}" if c in PREDICTION_COLUMNS else c)
         parts = []
         for saved in stacks:
-            predicted = predict_cells(saved.solver, [x] * len(saved.names), saved.device, saved.contexts)
-            for name, (cells, weights) in zip(saved.names, predicted):
-                if name in wanted:
-                    if prepared.embedding is not None:
-                        cells = prepared.embedding.decode(cells)
-                    parts.append(prediction_frame(prepared, known[name], cells, weights, list(map(str, adata.obs_names))))
+            rows_of = [cells_of(known[n]) if n in wanted else np.arange(0) for n in saved.names]
+            if not any(len(rows) for rows in rows_of):
+                continue
+            predicted = predict_cells(saved.solver, [x[rows] for rows in rows_of], saved.device, saved.contexts)
+            for name, rows, (cells, weights) in zip(saved.names, rows_of, predicted):
+                if not len(rows):
+                    continue
+                if prepared.embedding is not None:
+                    cells = prepared.embedding.decode(cells)
+                frame = prediction_frame(prepared, known[name], cells, weights, list(map(str, adata.obs_names[rows])))
+                frame.obs = frame.obs.join(source_obs.iloc[rows].set_index(frame.obs.index))
+                parts.append(frame)
         if not parts:
-            raise DataError(f"none of the requested maps were trained in {self.run_dir}")
-        return ad.concat(parts)
+            raise DataError(f"no cell of the input goes through a requested map of {self.run_dir}")
+        predicted = ad.concat(parts)
+        predicted.uns["perturbot"] = self.provenance()
+        return predicted
+
+    @staticmethod
+    def _cells_per_group(adata: ad.AnnData, prepared: PreparedData, groups: list[str] | None, wanted: set[str],
+                         known: dict[str, MapKey], note: Callable[[str], None]) -> Callable[[MapKey], np.ndarray]:
+        """Row indices of `adata` that each map takes (see `predict`)."""
+        everyone = np.arange(adata.n_obs)
+        key = prepared.spec.split_by
+        trained_groups = sorted({k.group for k in prepared.maps if k.group is not None})
+        if groups is not None:
+            missing = sorted(set(groups) - set(trained_groups))
+            if missing:
+                raise DataError(f"unknown group(s) {', '.join(missing)}; this run has {', '.join(trained_groups) or 'none'}")
+            return lambda k: everyone if k.group in groups else everyone[:0]
+        if key is None or key not in adata.obs:
+            if key is not None:
+                note(f"obs has no {key!r} column: every cell goes through the maps of every group "
+                     f"({', '.join(trained_groups)}); give --groups to choose")
+            return lambda k: everyone
+        labels = adata.obs[key].astype(str).to_numpy()
+        reached = {k.group for name, k in known.items() if name in wanted}
+        stray = ~np.isin(labels, list(reached))
+        if stray.any():
+            note(f"{int(stray.sum())} of {adata.n_obs} input cells belong to groups without a requested map "
+                 f"(obs[{key!r}] in {', '.join(sorted(set(labels[stray])))}); --groups sends cells through other groups' maps")
+        return lambda k: everyone[labels == k.group]
+
+    def provenance(self) -> dict[str, str]:
+        """What a prediction file records of its run (AnnData uns['perturbot'])."""
+        return {"run_id": self.run_id, "solver": self.config.solver, "run_dir": str(self.run_dir),
+                "config_json": json.dumps(self.config.to_dict())}
 
     def evaluate(self, bootstrap: int = 0, markers: int | None = None, sinkhorn: bool = False) -> int:
         """Score the saved maps again on their test cells (e.g. with bootstrap); rows to the store.
@@ -206,7 +265,9 @@ def write_predictions(directory: RunDir, prepared: PreparedData) -> Path:
                 weights = saved[f"weights/{i}"] if f"weights/{i}" in saved else None
                 parts.append(prediction_frame(prepared, key, saved[f"cells/{i}"], weights, sources))
     if parts:
-        ad.concat(parts).write_h5ad(directory.predictions)
+        predicted = ad.concat(parts)
+        predicted.uns["perturbot"] = FitResult(directory.root).provenance()
+        predicted.write_h5ad(directory.predictions)
     return directory.predictions
 
 
@@ -222,6 +283,7 @@ def fit(
     split_by: str | None = None,
     holdout: tuple[str, str] | None = None,
     preprocess: str | None = None,
+    hvg: int | None = None,
     embed: str | None = None,
     obsm_key: str | None = None,
     select_on: str | None = None,
@@ -248,7 +310,7 @@ def fit(
         config, overrides,
         dataset="<in-memory AnnData>" if adata is not None else str(data),
         condition_key=condition_key, control=control, solver=solver, perturbations=perturbations,
-        split_by=split_by, holdout=holdout, preprocess=preprocess, embed=embed, obsm_key=obsm_key,
+        split_by=split_by, holdout=holdout, preprocess=preprocess, hvg=hvg, embed=embed, obsm_key=obsm_key,
         select_on=select_on, steps=steps, seed=seed, device=device, solver_params=solver_params,
         train_params=train, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
     )

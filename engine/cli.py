@@ -60,6 +60,9 @@ def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("--split-by", help="obs key: one map per (group, perturbation), controls from the same group")
     p.add_argument("--holdout", metavar="KEY=VALUE", help="cells with obs[KEY]==VALUE form the test split (o.o.s.)")
     p.add_argument("--preprocess", choices=PREPROCESSING, help="default none")
+    p.add_argument("--hvg", type=int, metavar="N",
+                   help="keep the N most highly variable features (Seurat dispersion on log1p expression, "
+                        "ranked on train cells after --preprocess), e.g. 1000 genes")
     p.add_argument("--embed", help="train in a latent space, e.g. pca:50 (metrics decoded to genes)")
     p.add_argument("--obsm-key", help="take features from adata.obsm[KEY] instead of X")
     p.add_argument("--select-on", choices=SELECT_ON,
@@ -86,7 +89,8 @@ def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str |
     wanted = None if perturbations in (None, "all") else [p.strip() for p in perturbations.split(",") if p.strip()]
     return RunConfig.resolve(
         args.config, args.set, dataset=dataset, condition_key=condition_key, control=control,
-        perturbations=wanted, split_by=split_by, holdout=holdout, preprocess=args.preprocess, embed=args.embed,
+        perturbations=wanted, split_by=split_by, holdout=holdout, preprocess=args.preprocess, hvg=args.hvg,
+        embed=args.embed,
         obsm_key=args.obsm_key, select_on=args.select_on, seed=args.seed, solver=args.solver,
         published=args.published or None, steps=args.steps, device=args.device,
         address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
@@ -140,9 +144,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     result = _open_run(args.run, args.store)
     wanted = [p.strip() for p in args.perturbations.split(",")] if args.perturbations else None
-    predicted = result.predict(read_h5ad(args.data), wanted)
+    groups = [g.strip() for g in args.groups.split(",")] if args.groups else None
+    adata = read_h5ad(args.data)
+    predicted = result.predict(adata, wanted, groups, on_note=lambda m: print(f"perturbot: note: {m}", file=sys.stderr))
     predicted.write_h5ad(args.out)
-    print(f"{predicted.n_obs} predicted cells ({len(set(predicted.obs['perturbation']))} perturbations) -> {args.out}")
+    obs = predicted.obs
+    n_maps = len(obs.groupby(["group", "perturbation"] if "group" in obs else ["perturbation"], observed=True))
+    in_groups = f" in {obs['group'].nunique()} groups" if "group" in obs else ""
+    print(f"{predicted.n_obs} predicted cells: {obs['source_cell'].nunique()} of {adata.n_obs} input cells through "
+          f"{n_maps} maps ({obs['perturbation'].nunique()} perturbations{in_groups}) -> {args.out}")
     return 0
 
 
@@ -192,6 +202,16 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from engine.report import render_report
+
+    features = int(args.features) if args.features.isdigit() else [f.strip() for f in args.features.split(",") if f.strip()]
+    path = render_report(args.run, args.out, store=args.store, detail=args.detail, features=features,
+                         n_clusters=args.clusters, cluster_key=args.cluster_key)
+    print(f"report -> {path} (plots in {Path(args.run) / 'plots'})")
+    return 0
+
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -223,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--data", required=True, help=".h5ad of control cells (same features as training)")
     p.add_argument("--perturbations", help="comma-separated map names (default: all)")
+    p.add_argument("--groups", help="send every cell through these groups' maps (default: each cell through its own "
+                                    "group's maps when obs has the run's --split-by key, else through all)")
     p.add_argument("--out", required=True, type=Path, help="output .h5ad")
     p.add_argument("--store")
     p.set_defaults(func=cmd_predict)
@@ -244,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--raw", action="store_true", help="every row (training logs, validation), not the summary")
     p.set_defaults(func=cmd_metrics)
+    p = sub.add_parser("report", help="one self-contained HTML report of a run (metrics, marginals, embeddings, "
+                                      "transport costs, training curves); PNGs in RUN_DIR/plots/")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--out", type=Path, help="HTML file (default RUN_DIR/report.html)")
+    p.add_argument("--store")
+    p.add_argument("--detail", type=int, default=3, help="maps of largest and of smallest effect shown in detail")
+    p.add_argument("--features", default="4", help="marginals of the N most changed features of each map (default 4), "
+                                                   "or of the features named, e.g. pS6,pPlcg2,pErk (prefixes allowed)")
+    p.add_argument("--clusters", type=int, default=6, help="k-means clusters of control cells for the cost map")
+    p.add_argument("--cluster-key", help="obs key of the run's dataset to use as clusters instead of k-means")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("bench", add_help=False,
                        help="benchmarks (JSON out): stacked vs one-at-a-time (`bench --help`), 1 vs 2 Ray workers "
                             "(`bench workers`), data preparation (`bench data_prep`), W2 solvers against known maps "

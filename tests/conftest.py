@@ -35,7 +35,17 @@ def ray_session(tmp_path_factory: pytest.TempPathFactory):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One short demo run (8 CellOT maps, 20 steps) shared by the tests that only read a finished run."""
+    from engine.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--out", str(out), "--steps", "20", "--set", "train.eval_every=10"]) == 0
+    return out

@@ -1,6 +1,7 @@
 """The CLI: every malformed input is one clear line and exit code 2; the demo and metrics work."""
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 
@@ -77,15 +78,14 @@ def test_bad_input_is_one_line_and_exit_2(case, make, args, needle, h5ad, tmp_pa
     assert needle.lower() in err.lower(), err
 
 
-def test_demo_metrics_and_predict(ray_session, tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "20", "--set", "train.eval_every=10"]) == 0
-    printed = capsys.readouterr().out
-    assert "8 maps" in printed and "identity" in printed
+def test_demo_metrics_and_predict(demo_run, tmp_path, capsys):
+    from engine.api import FitResult
+
+    out = demo_run
+    assert len(FitResult.load(out).maps()) == 8
     assert main(["metrics", "--run", str(out), "--format", "csv"]) == 0
     csv = capsys.readouterr().out.splitlines()
     assert csv[0] == "perturbation,metric,model,identity,observed,mean_shift,gaussian" and len(csv) > 8
-    from engine.api import FitResult
 
     trained = FitResult.load(out).metrics().set_index(["perturbation", "split", "metric", "step"])["value"]
     assert main(["evaluate", "--run", str(out), "--bootstrap", "2"]) == 0
@@ -98,18 +98,39 @@ def test_demo_metrics_and_predict(ray_session, tmp_path, capsys):
     assert len(final) > 0
     np.testing.assert_allclose(evaluated.loc[final.index].to_numpy(), final.to_numpy(), rtol=1e-5, atol=1e-7)
     capsys.readouterr()
-    assert main(["runs", "--root", str(tmp_path)]) == 0
+    assert main(["runs", "--root", str(out.parent)]) == 0
     assert "finished" in capsys.readouterr().out
-    controls = tmp_path / "controls.h5ad"
-    import anndata as ad
-
     full = ad.read_h5ad(out / "synthetic.h5ad")
-    full[full.obs["condition"] == "control"][:10].write_h5ad(controls)
-    assert main(["predict", "--run", str(out), "--data", str(controls), "--out", str(tmp_path / "p.h5ad"),
-                 "--perturbations", "g0/pert1"]) == 0
-    assert ad.read_h5ad(tmp_path / "p.h5ad").n_obs == 10
-    assert main(["predict", "--run", str(out), "--data", str(controls), "--out", str(tmp_path / "q.h5ad"),
-                 "--perturbations", "nope"]) == 2
+    controls = full[full.obs["condition"] == "control"]
+    g0 = controls[controls.obs["group"] == "g0"][:10]
+
+    def predict(cells, *args: str):
+        cells.write_h5ad(tmp_path / "in.h5ad")
+        code = main(["predict", "--run", str(out), "--data", str(tmp_path / "in.h5ad"), "--out",
+                     str(tmp_path / "p.h5ad"), *args])
+        printed = capsys.readouterr()
+        return code, (ad.read_h5ad(tmp_path / "p.h5ad") if code == 0 else None), printed.out + printed.err
+
+    code, predicted, printed = predict(g0)  # each cell through its own group's 4 maps
+    assert code == 0 and predicted.n_obs == 40 and set(predicted.obs["group"]) == {"g0"}
+    assert "40 predicted cells: 10 of 10 input cells through 4 maps (4 perturbations in 1 groups)" in printed
+    assert (predicted.obs["source_group"] == "g0").all() and (predicted.obs["condition"] == "control").all()
+    assert predicted.uns["perturbot"]["run_id"] == FitResult.load(out).run_id and "note" not in printed
+    code, predicted, _ = predict(g0, "--perturbations", "g0/pert1")
+    assert predicted.n_obs == 10 and list(predicted.obs["source_cell"]) == list(g0.obs_names)
+    code, predicted, _ = predict(g0, "--groups", "g1")  # a new population through another group's maps
+    assert predicted.n_obs == 40 and set(predicted.obs["group"]) == {"g1"}
+    code, predicted, printed = predict(g0, "--perturbations", "g1/pert0")
+    assert code == 2 and "10 of 10 input cells belong to groups without a requested map" in printed
+    treated = full[full.obs["condition"] != "control"][:5]
+    code, predicted, printed = predict(ad.concat([g0, treated[treated.obs["group"] == "g0"]]))
+    assert code == 0 and "are not controls" in printed
+    anonymous = g0.copy()
+    del anonymous.obs["group"]
+    code, predicted, printed = predict(anonymous)
+    assert predicted.n_obs == 80 and "obs has no 'group' column" in printed
+    assert predict(g0, "--perturbations", "nope")[0] == 2
+    assert predict(g0, "--groups", "g7")[0] == 2
 
 
 def test_select_on_test_keeps_cellots_protocol_and_says_so(ray_session, h5ad, tmp_path, capsys):

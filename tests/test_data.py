@@ -25,6 +25,7 @@ from engine.data import (
 )
 from engine.data.embed import fit_pca
 from engine.data.markers import welch_t
+from engine.data.preprocess import highly_variable
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BCRXL = DATA / "catalyst_bodenmiller_bcrxl" / "bcrxl_16samples.h5ad"
@@ -319,6 +320,64 @@ def test_preprocessing_formulas(kind: str) -> None:
             np.testing.assert_allclose(got, formulas[kind](raw.astype(np.float64)), rtol=1e-5, atol=1e-6)
 
 
+def _seurat_reference(x: np.ndarray, n: int) -> np.ndarray:
+    """scanpy's flavor="seurat" recipe, written literally with pandas (cut into 20 bins, groupby)."""
+    e = np.expm1(x.astype(np.float64))
+    mean, var = e.mean(axis=0), e.var(axis=0, ddof=1)
+    mean[mean == 0] = 1e-12
+    dispersion = var / mean
+    dispersion[dispersion == 0] = np.nan
+    frame = pd.DataFrame({"mean": np.log1p(mean), "dispersion": np.log(dispersion)})
+    frame["bin"] = pd.cut(frame["mean"], bins=20)
+    by_bin = frame.groupby("bin", observed=True)["dispersion"]
+    bin_mean, bin_std = by_bin.mean(), by_bin.std(ddof=1)
+    single = bin_std.isnull()
+    bin_std[single], bin_mean[single] = bin_mean[single], 0.0
+    score = (frame["dispersion"] - bin_mean[frame["bin"]].to_numpy()) / bin_std[frame["bin"]].to_numpy()
+    return np.sort(np.argsort(-np.nan_to_num(score.to_numpy(), nan=-np.inf), kind="stable")[:n])
+
+
+def test_highly_variable_is_the_seurat_recipe() -> None:
+    rng = np.random.default_rng(0)
+    means = np.exp(rng.uniform(np.log(0.5), np.log(10), 200))
+    x = rng.poisson(means, size=(500, 200)).astype(np.float64)
+    x[:, ::20] = rng.poisson(rng.gamma(0.1, means[::20] / 0.1, size=(500, 10)))  # overdispersed
+    x[:, 7] = 0.0  # never expressed: never picked
+    x = np.log1p(x).astype(np.float32)
+    for n in (10, 30, 199):
+        picked = highly_variable(x, n)
+        np.testing.assert_array_equal(picked, _seurat_reference(x, n))
+    assert 7 not in highly_variable(x, 199)
+    assert len(set(highly_variable(x, 10)) & set(range(0, 200, 20))) >= 5
+    with pytest.raises(DataError, match="201 highly variable features; the data have 200"):
+        highly_variable(x, 201)
+    with pytest.raises(DataError, match="non-negative"):
+        highly_variable(x - 1.0, 10)
+
+
+def test_hvg_selects_on_train_cells_and_new_cells_keep_all_inputs(tmp_path: Path) -> None:
+    adata = counts(n=120, d=40)
+    s = spec(preprocess="log1p_normalize", hvg=8)
+    prepared = prepare(adata, s)
+    full = prepare(adata, spec(preprocess="log1p_normalize"))
+    train = np.concatenate([full.cells(None, c, "train", space="data") for c in ("control", "drug")])
+    keep = highly_variable(train, 8)
+    assert prepared.features == [f"g{j}" for j in keep] and prepared.input_features == full.features
+    assert prepared.dim == 8
+    for key in full.tables:
+        np.testing.assert_array_equal(prepared.cells(*key), full.cells(*key)[:, keep])
+    test = [n for c in ("control", "drug") for n in prepared.cell_names(None, c, "test")]
+    changed = adata.copy()
+    changed.X[changed.obs_names.get_indexer(test)] = 0.0  # test cells never influence the selection
+    assert prepare(changed, s).features == prepared.features
+    controls = adata[adata.obs["condition"] == "control"][:5]
+    np.testing.assert_allclose(prepared.encode_controls(controls),
+                               full.encode_controls(controls)[:, keep], rtol=1e-6)
+    assert PreparedData.load(prepared.save(tmp_path / "p")) == prepared
+    with pytest.raises(DataError, match="hvg must be >= 1"):
+        spec(hvg=0)
+
+
 def test_arcsinh_accepts_negative_values() -> None:
     adata = small()
     prepared = prepare(adata, spec(preprocess="arcsinh5"))
@@ -349,6 +408,44 @@ def test_pca_is_fitted_on_train_cells_and_round_trips() -> None:
     np.testing.assert_allclose(embedding.encode(embedding.decode(z)), z, atol=1e-4)
     x_test = prepared.cells("g1", "pert0", "test", "data")
     np.testing.assert_allclose(prepared.cells("g1", "pert0", "test"), embedding.encode(x_test), atol=1e-5)
+
+
+def test_decoded_cells_stay_above_the_floor_of_non_negative_data(tmp_path: Path) -> None:
+    prepared = prepare(counts(), spec(preprocess="log1p_normalize", embed="pca:3"))
+    assert prepared.embedding.floor == 0.0
+    decoded = prepared.embedding.decode(prepared.cells(None, "drug", "test") * 3.0)
+    assert decoded.min() == 0.0  # clamped: the unclamped decode goes below 0
+    assert PreparedData.load(prepared.save(tmp_path / "p")) == prepared
+    assert prepare(small(), spec(embed="pca:3")).embedding.floor is None  # data with negative values
+
+
+def test_autoencoder_latent_is_fitted_on_train_cells_cached_and_saved(tmp_path: Path, monkeypatch, one_thread) -> None:
+    """"ae:K": an autoencoder (hidden 512, 512) trained on the train cells; 300 steps here (3000 by default)."""
+    import engine.data.embed as embed
+
+    monkeypatch.setattr(embed, "AE_STEPS", 300)
+    monkeypatch.setenv("PERTURBOT_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)  # non-negative cells on a 3-dim curved manifold in 12 dims
+    adata = counts(n=150, d=12)
+    adata.X = np.log1p(np.exp(rng.normal(size=(300, 3)) @ rng.normal(size=(3, 12)))).astype(np.float32)
+    s = spec(embed="ae:4")
+    prepared = prepare(adata, s)
+    model = prepared.embedding
+    assert isinstance(model, embed.AutoencoderEmbedding) and prepared.dim == 4 and model.floor == 0.0
+    x_test = prepared.cells(None, "drug", "test", space="data")
+    np.testing.assert_allclose(prepared.cells(None, "drug", "test"), model.encode(x_test), atol=1e-5)
+    error = ((model.decode(model.encode(x_test)) - x_test) ** 2).mean()
+    assert error < 0.1 * x_test.var(axis=0).mean()  # far better than the features' means
+    assert model.decode(np.full((5, 4), -50.0, np.float32)).min() >= 0.0
+    assert len(list((tmp_path / "cache" / "autoencoders").iterdir())) == 1
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached autoencoder was trained again")
+
+    monkeypatch.setattr(embed.torch.optim, "Adam", no_training)  # a cache hit loads, it does not train
+    assert prepare(adata, s).embedding == model
+    assert PreparedData.load(prepared.save(tmp_path / "p")) == prepared
+    with pytest.raises(DataError, match="'ae:12' asks for a 12-dim latent; the data have 12 features"):
+        prepare(adata, spec(embed="ae:12"))
 
 
 @pytest.mark.parametrize("shape", [(200, 10), (30, 100)])

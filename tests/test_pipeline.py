@@ -68,7 +68,8 @@ def test_predictions_file_and_predict(trained):
     predictions = ad.read_h5ad(result.run_dir / "predictions.h5ad")
     assert {"source_cell", "perturbation", "group"} <= set(predictions.obs.columns)
     assert list(predictions.var_names) == list(adata.var_names)
-    controls = adata[adata.obs["condition"] == "control"][:25]
+    assert predictions.uns["perturbot"]["run_id"] == result.run_id
+    controls = adata[(adata.obs["condition"] == "control") & (adata.obs["group"] == "g1")][:25]
     predicted = FitResult.load(result.run_dir).predict(controls, ["g1/pert0"])
     assert predicted.n_obs == 25 and set(predicted.obs["source_cell"]) == set(controls.obs_names)
     assert np.isfinite(predicted.X).all()

@@ -6,16 +6,18 @@ Mathematical properties with explicit tolerances (STYLE.md):
 - its dual value approaches POT's exact W1 (Euclidean cost) on small 2-D samples (5%);
 - stacked training equals training each map alone (float64 free runs, both phases);
 - a checkpoint taken inside the cosine-annealed potential phase resumes to the straight run;
-- the "bookshelf" toy of the paper keeps the order of the points (Spearman >= 0.99), and its
-  concentric circles map inner ring to inner ring (95%).
+- through the CLI with default settings, the "bookshelf" toy of the paper keeps the order of the
+  points (Spearman >= 0.99), and its concentric circles map inner ring to inner ring (95%).
 Contract properties (save/load, divergence, selection) come from tests/test_solver_contract.py.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import ot
+import pandas as pd
 import pytest
 import torch
 
@@ -266,44 +268,57 @@ def test_checkpoint_resume_inside_the_potential_phase(tmp_path: Path):
     assert outcome.best_mmd == pytest.approx(straight_outcome.best_mmd, rel=1e-6)
 
 
-def test_bookshelf_keeps_the_order():
-    """The paper's "bookshelf": x1 uniform on [0, 1] -> [2, 3], x2 ~ N(0, 1e-3) in both. After 300
-    potential and 700 step-size steps the images keep the x1-order of the source points (Spearman
-    >= 0.99) and move right (mean x1 within 0.3 of 2.5)."""
-    rng = np.random.default_rng(0)
-    n = 500
+def _toys(n: int = 400, seed: int = 0) -> ad.AnnData:
+    """The paper's two toys as one dataset, a group each (control -> "moved"), 2-D:
+    "shelf": x1 uniform on [0, 1] -> [2, 3], x2 ~ N(0, 1e-3) in both;
+    "rings": rings of radius 1 and 2 (n each) -> 2.5 and 4 (noise 0.02)."""
+    rng = np.random.default_rng(seed)
 
     def shelf(low: float) -> np.ndarray:
-        return np.stack([rng.uniform(low, low + 1, n), rng.normal(0, np.sqrt(1e-3), n)], 1).astype(np.float32)
+        return np.stack([rng.uniform(low, low + 1, 2 * n), rng.normal(0, np.sqrt(1e-3), 2 * n)], 1)
 
-    x, y = shelf(0.0), shelf(2.0)
-    data = StackData([x], [y], [x], [y], seeds=[1], batch_size=256)
-    solver = build_solver("w1ot", 1, 2, {"potential_fraction": 0.3})
-    solver.initialize(data, [1])
-    train_by_hand(solver, data, 1000)
-    moved = solver.transport(torch.from_numpy(x)[None]).cells[0].numpy()
+    def rings(inner: float, outer: float) -> np.ndarray:
+        radius = np.repeat([inner, outer], n)
+        angle = rng.uniform(0, 2 * np.pi, 2 * n)
+        return radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1) + 0.02 * rng.normal(size=(2 * n, 2))
+
+    parts = [("shelf", "control", shelf(0.0)), ("shelf", "moved", shelf(2.0)),
+             ("rings", "control", rings(1.0, 2.0)), ("rings", "moved", rings(2.5, 4.0))]
+    obs = pd.DataFrame([(g, c) for g, c, x in parts for _ in x], columns=["toy", "condition"])
+    obs.index = [f"{g}-{c}-{i}" for g, c, x in parts for i in range(len(x))]
+    return ad.AnnData(X=np.concatenate([x for *_, x in parts]).astype(np.float32), obs=obs)
+
+
+def test_toys_through_the_cli_with_default_settings(ray_session, tmp_path: Path):
+    """The paper's toys, trained by `perturbot train --solver w1ot` with every default (2000 steps: 1000
+    potential, 1000 step size), then every source cell predicted by `perturbot predict`:
+    - bookshelf: the images keep the x1-order of the source points (Spearman >= 0.99) and land on
+      the target shelf (mean x1 within 0.3 of 2.5);
+    - circles: >= 95% of the inner ring's images lie nearer the inner target ring (r 2.5) than the
+      outer one (r 4), and >= 95% of the outer ring's nearer the outer one."""
+    from engine.cli import main
+
+    toys = _toys()
+    toys.write_h5ad(tmp_path / "toys.h5ad")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "toys.h5ad"), "--condition-key", "condition",
+                 "--control", "control", "--split-by", "toy", "--solver", "w1ot", "--out", str(run)]) == 0
+    images = {}
+    for toy in ("shelf", "rings"):
+        controls = toys[(toys.obs["toy"] == toy) & (toys.obs["condition"] == "control")]
+        controls.write_h5ad(tmp_path / f"{toy}.h5ad")
+        assert main(["predict", "--run", str(run), "--data", str(tmp_path / f"{toy}.h5ad"),
+                     "--perturbations", f"{toy}/moved", "--out", str(tmp_path / f"{toy}-moved.h5ad")]) == 0
+        predicted = ad.read_h5ad(tmp_path / f"{toy}-moved.h5ad")
+        assert list(predicted.obs["source_cell"]) == list(controls.obs_names)
+        images[toy] = (np.asarray(controls.X), np.asarray(predicted.X))
+    x, moved = images["shelf"]
     ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731 (Spearman = Pearson of the ranks; no ties here)
     assert np.corrcoef(ranks(x[:, 0]), ranks(moved[:, 0]))[0, 1] >= 0.99
     assert abs(moved[:, 0].mean() - 2.5) <= 0.3
-
-
-def test_concentric_circles_map_inner_to_inner():
-    """The paper's circles: rings of radius 1 and 2 -> 2.5 and 4 (noise 0.02). After 300 potential
-    and 700 step-size steps >= 95% of the inner ring's images lie nearer the inner target ring and
-    >= 95% of the outer ring's nearer the outer one."""
-    rng = np.random.default_rng(0)
-    n = 400
-
-    def ring(radius: float) -> np.ndarray:
-        angle = rng.uniform(0, 2 * np.pi, n)
-        return (radius * np.stack([np.cos(angle), np.sin(angle)], 1) + 0.02 * rng.normal(size=(n, 2))).astype(np.float32)
-
-    x, y = np.concatenate([ring(1.0), ring(2.0)]), np.concatenate([ring(2.5), ring(4.0)])
-    data = StackData([x], [y], [x], [y], seeds=[1], batch_size=256)
-    solver = build_solver("w1ot", 1, 2, {"potential_fraction": 0.3})
-    solver.initialize(data, [1])
-    train_by_hand(solver, data, 1000)
-    radius = np.linalg.norm(solver.transport(torch.from_numpy(x)[None]).cells[0].numpy(), axis=1)
+    x, moved = images["rings"]
+    inner = np.linalg.norm(x, axis=1) < 1.5
+    radius = np.linalg.norm(moved, axis=1)
     nearer_inner = np.abs(radius - 2.5) < np.abs(radius - 4.0)
-    assert nearer_inner[:n].mean() >= 0.95
-    assert (~nearer_inner[n:]).mean() >= 0.95
+    assert nearer_inner[inner].mean() >= 0.95
+    assert (~nearer_inner[~inner]).mean() >= 0.95

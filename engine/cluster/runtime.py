@@ -12,7 +12,8 @@ from engine.train.device import parse_device, resolve_device
 
 
 def connect(address: str = "local", num_cpus: int | None = None) -> None:
-    """`local`: start Ray in this process (no dashboard, no auth token); otherwise join `address`."""
+    """`local`: start a new Ray in this process (no dashboard, no auth token), even when a cluster
+    started by `ray start` runs on this machine (Ray would join that one); otherwise join `address`."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
@@ -20,7 +21,8 @@ def connect(address: str = "local", num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
         # worker logs stay in the Ray session dir; failures reach the user through the store (maps.error)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     else:
         ray.init(address=address)
 

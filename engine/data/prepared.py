@@ -18,11 +18,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from engine.data.embed import Embedding, fit_pca
+from engine.data.embed import Embedding, PCAEmbedding, fit_embedding, load_embedding
 from engine.data.io import aligned_features, feature_matrix
 from engine.data.markers import rank_markers
 from engine.data.preprocess import Preprocessing
-from engine.data.spec import DataError, DataSpec, MapKey, name_some, pca_components
+from engine.data.spec import DataError, DataSpec, MapKey, name_some
 from engine.data.split import SPLITS, TRAIN, pair_indices, split_cells
 
 FORMAT = 2  # 2: valid split and DataSpec.select_on; format 1 had train/test tables only
@@ -50,7 +50,8 @@ class PreparedData:
     """The cells of every map, split, in the training space (and the data space when embedded)."""
 
     spec: DataSpec
-    features: list[str]
+    features: list[str]  # data space (after hvg selection)
+    input_features: list[str]  # what new cells must have (all features read, before selection)
     maps: list[MapKey]
     tables: dict[tuple[str, str, str], pa.Table]
     preprocessing: Preprocessing
@@ -90,9 +91,9 @@ class PreparedData:
     def encode_controls(self, adata: ad.AnnData) -> np.ndarray:
         """New cells in the training space: the fitted preprocessing, then the embedding.
 
-        Features must match ``self.features`` by name (a permutation is reordered), else DataError.
+        Features must match ``self.input_features`` by name (a permutation is reordered), else DataError.
         """
-        x = self.preprocessing(aligned_features(adata, self.features, self.spec.obsm_key))
+        x = self.preprocessing(aligned_features(adata, self.input_features, self.spec.obsm_key))
         return x if self.embedding is None else self.embedding.encode(x)
 
     def save(self, directory: str | Path) -> Path:
@@ -108,13 +109,16 @@ class PreparedData:
         arrays = {"markers": np.stack([self.markers[key.name] for key in self.maps])}
         if self.preprocessing.scale is not None:
             arrays["qscale"] = self.preprocessing.scale
-        if self.embedding is not None:
-            arrays["pca_mean"], arrays["pca_components"] = self.embedding.mean, self.embedding.components
+        if self.preprocessing.keep is not None:
+            arrays["hvg"] = self.preprocessing.keep
         np.savez(directory / "arrays.npz", **arrays)
+        if self.embedding is not None:
+            self.embedding.save(directory)
         meta = {
             "format": FORMAT,
             "spec": self.spec.to_dict(),
             "features": self.features,
+            "input_features": self.input_features,
             "maps": [[key.group, key.perturbation] for key in self.maps],
             "tables": entries,
         }
@@ -138,14 +142,17 @@ class PreparedData:
         }
         with np.load(directory / "arrays.npz") as arrays:
             markers = {key.name: arrays["markers"][i] for i, key in enumerate(maps)}
-            preprocessing = Preprocessing(spec.preprocess, arrays["qscale"] if "qscale" in arrays else None)
-            embedding = Embedding(arrays["pca_mean"], arrays["pca_components"]) if "pca_mean" in arrays else None
-        return cls(spec, meta["features"], maps, tables, preprocessing, embedding, markers)
+            preprocessing = Preprocessing(spec.preprocess, arrays.get("qscale"), arrays.get("hvg"))
+            embedding = load_embedding(directory) or (  # before pca.npz, PCA was in arrays.npz
+                PCAEmbedding(arrays["pca_mean"], arrays["pca_components"]) if "pca_mean" in arrays else None)
+        input_features = meta.get("input_features", meta["features"])
+        return cls(spec, meta["features"], input_features, maps, tables, preprocessing, embedding, markers)
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, PreparedData)
-            and (self.spec, self.features, self.maps) == (other.spec, other.features, other.maps)
+            and (self.spec, self.features, self.input_features, self.maps)
+            == (other.spec, other.features, other.input_features, other.maps)
             and self.preprocessing == other.preprocessing
             and self.embedding == other.embedding
             and self.markers.keys() == other.markers.keys()
@@ -217,25 +224,16 @@ def _cell_table(names: np.ndarray, x_model: np.ndarray, x_data: np.ndarray | Non
     return pa.table(columns)
 
 
-def _fit_embedding(x_train: np.ndarray, spec: DataSpec) -> Embedding | None:
-    k = pca_components(spec.embed)
-    if k is None:
-        return None
-    n, d = x_train.shape
-    if k > min(n, d):
-        raise DataError(f"embed {spec.embed!r} asks for {k} components; the data have {d} features, {n} train cells")
-    return fit_pca(x_train, k)
-
-
 def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     """Validate, select, split, preprocess, embed and rank markers (DESIGN.md "Data flow", step 1).
 
     Maps: every (group, perturbation) present, with the control cells of the same group (one group
     when ``spec.split_by`` is None). Only the cells of the maps' (group, condition) pairs are kept.
     Cells are split per (group, condition) into ``spec.splits`` (engine.data.split). The preprocessing
-    is fitted on control train cells, the PCA on all train cells, the markers on the train cells of
-    each map (data space): valid and test cells never influence them. Every bad input is a one-line
-    DataError.
+    is fitted on control train cells; the highly variable features (``spec.hvg``) and the embedding
+    (``spec.embed``) on all train cells (the autoencoder keeps its best state on valid cells); the
+    markers on the train cells of each map (data space). Test cells never influence any of them.
+    Every bad input is a one-line DataError.
     """
     if not adata.obs_names.is_unique:
         repeated = adata.obs_names[adata.obs_names.duplicated()].unique()
@@ -258,7 +256,7 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     _check_counts(used, all_pairs, spec)
 
     rows = np.sort(np.concatenate([all_pairs[p] for p in used]))
-    x, features = feature_matrix(adata, spec.obsm_key, rows)
+    x, input_features = feature_matrix(adata, spec.obsm_key, rows)
     names = adata.obs_names.to_numpy(dtype=object)[rows]
     conditions, groups = conditions[rows], groups[rows]
     pairs = pair_indices(groups, conditions)
@@ -268,9 +266,13 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     _check_splits(used, pairs, codes, spec)
     train = codes == TRAIN
 
-    preprocessing = Preprocessing.fit(spec.preprocess, x, train & (conditions == spec.control))
+    preprocessing = Preprocessing.fit(spec.preprocess, x, train & (conditions == spec.control), train, spec.hvg)
     x_data = preprocessing(x)
-    embedding = _fit_embedding(x_data[train], spec)
+    del x
+    keep = preprocessing.keep
+    features = input_features if keep is None else [input_features[i] for i in keep]
+    selects = codes == SPLITS.index("valid") if "valid" in spec.splits else train  # never the test cells
+    embedding = fit_embedding(spec.embed, x_data[train], x_data[selects], spec.seed)
     x_model = x_data if embedding is None else embedding.encode(x_data)
 
     rows_of = {
@@ -290,4 +292,4 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
         key: _cell_table(names[idx], x_model[idx], None if embedding is None else x_data[idx])
         for key, idx in rows_of.items()
     }
-    return PreparedData(spec, features, maps, tables, preprocessing, embedding, markers)
+    return PreparedData(spec, features, input_features, maps, tables, preprocessing, embedding, markers)

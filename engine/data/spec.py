@@ -36,14 +36,14 @@ class MapKey(NamedTuple):
         return self.perturbation if self.group is None else f"{self.group}/{self.perturbation}"
 
 
-def pca_components(embed: str | None) -> int | None:
-    """K of an embed spec "pca:K" (K >= 1); None for no embedding."""
+def parse_embed(embed: str | None) -> tuple[str, int] | None:
+    """("pca" | "ae", K) of an embed spec "pca:K" or "ae:K" (K >= 1); None for no embedding."""
     if embed is None:
         return None
-    match = re.fullmatch(r"pca:([0-9]+)", str(embed).strip())
-    if match is None or int(match.group(1)) < 1:
-        raise DataError(f"bad embed spec {embed!r}; expected 'pca:K' with K >= 1")
-    return int(match.group(1))
+    match = re.fullmatch(r"(pca|ae):([0-9]+)", str(embed).strip())
+    if match is None or int(match.group(2)) < 1:
+        raise DataError(f"bad embed spec {embed!r}; expected 'pca:K' or 'ae:K' with K >= 1")
+    return match.group(1), int(match.group(2))
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class DataSpec:
     split_by: str | None = None  # obs column: one map per (group, perturbation), same-group controls
     holdout: tuple[str, str] | None = None  # (KEY, VALUE): cells with obs[KEY] == VALUE are the test split
     preprocess: str = "none"  # none | log1p_normalize | qscale_log1p | arcsinh5
-    embed: str | None = None  # "pca:K": train in a K-dim PCA latent
+    hvg: int | None = None  # keep the N most highly variable features (Seurat v1 dispersion, train cells)
+    embed: str | None = None  # "pca:K" / "ae:K": train in a K-dim PCA / autoencoder latent
     obsm_key: str | None = None  # features from adata.obsm[key] instead of X
     test_fraction: float = 0.2  # per (group, condition), without holdout
     valid_fraction: float = 0.1  # per (group, condition): the valid split (select_on="valid" only)
@@ -76,7 +77,7 @@ class DataSpec:
             object.__setattr__(self, "holdout", (str(self.holdout[0]), str(self.holdout[1])))
         if self.preprocess not in PREPROCESSING:
             raise DataError(f"unknown preprocess {self.preprocess!r}; expected one of {', '.join(PREPROCESSING)}")
-        pca_components(self.embed)
+        parse_embed(self.embed)
         if not 0.0 < self.test_fraction < 1.0:
             raise DataError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
         if self.select_on not in SELECT_ON:
@@ -88,6 +89,8 @@ class DataSpec:
                 raise DataError(
                     f"test_fraction + valid_fraction must be < 1, got {self.test_fraction!r} + {self.valid_fraction!r}"
                 )
+        if self.hvg is not None and int(self.hvg) < 1:
+            raise DataError(f"hvg must be >= 1 (or unset for all features), got {self.hvg!r}")
         for name in ("min_cells", "markers"):
             if int(getattr(self, name)) < 1:
                 raise DataError(f"{name} must be >= 1, got {getattr(self, name)!r}")
