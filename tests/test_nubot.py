@@ -62,6 +62,31 @@ def test_masses_of_the_true_map_give_the_growth_factors(setting):
     assert np.abs(e_cluster - truth).max() > 0.2  # e alone is not the growth factor
 
 
+def test_divergence_guard_freezes_a_map_whose_transport_cost_explodes():
+    """A map whose transport_cost exceeds solver.max_transport_cost (default 10) is logged inf,
+    marked diverged and left at its step-0 state (its best); the other map of the stack goes on.
+    Map 1's g starts at 0.5 * 1000 |x|^2 (T(x) = 1000 x: displacements ~1e6 times the data's)."""
+    from engine.train.loop import TrainConfig, train_stack
+    from engine.train.stack_data import StackData
+
+    rng = np.random.default_rng(0)
+    x = [rng.normal(size=(200, 2)).astype(np.float32) for _ in range(2)]
+    y = [cells + 0.5 for cells in x]
+    data = StackData(x, y, x, y, seeds=[1, 2], batch_size=64)
+    solver = build_solver("nubot", 2, 2, {"hidden": [16, 16], "weight_hidden": [16]})
+    solver.initialize(data, [1, 2])
+    with torch.no_grad():
+        solver.g.quadratic.matrix[1] *= 1000.0
+    start = solver.snapshot()
+    outcome = train_stack(solver, data, TrainConfig(steps=4, eval_every=2))
+    assert outcome.diverged == [False, True]
+    assert outcome.history[1]["transport_cost"][1] == float("inf")
+    assert outcome.history[1]["transport_cost"][0] < 1.0
+    final = solver.snapshot()
+    assert all(torch.equal(final[name][1], start[name][1]) for name in start)
+    assert all(np.isfinite(row["transport_cost"][0]) for row in outcome.history[1:])  # map 0 trained on
+
+
 # -- training: the paper's experiment (slow) -------------------------------------------------------
 
 SYNTHETIC_STEPS = 1500

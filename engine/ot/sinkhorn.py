@@ -84,13 +84,15 @@ def sinkhorn_potentials(
     iterations = torch.zeros(n_problems, dtype=torch.int64, device=cost.device)
     active = torch.arange(n_problems, device=cost.device)
     if _kernel_is_safe(cost, f, g, eps):
-        iterate, matrix = _kernel_iterations, torch.exp(-cost.double() / eps)
+        kernel = torch.exp(-cost.double() / eps)
+        iterate, matrices = _kernel_iterations, (kernel, kernel.transpose(1, 2).contiguous())
     else:
-        iterate, matrix = _log_iterations, cost / eps
+        iterate, matrices = _log_iterations, (cost / eps,)
     done = 0
     while done < max_iterations and active.numel() > 0:
         steps = min(check_every, max_iterations - done)
-        fa, ga, change = iterate(matrix[active], log_a[active], log_b[active], f[active], g[active], eps, rho, steps)
+        now = matrices if active.numel() == n_problems else tuple(m[active] for m in matrices)
+        fa, ga, change = iterate(now, log_a[active], log_b[active], f[active], g[active], eps, rho, steps)
         done += steps
         f[active], g[active] = fa.to(f.dtype), ga.to(g.dtype)
         iterations[active] = done
@@ -104,9 +106,10 @@ def _kernel_is_safe(cost: Tensor, f: Tensor, g: Tensor, eps: float) -> bool:
     return bool(span < KERNEL_SPAN)
 
 
-def _log_iterations(scaled: Tensor, log_a: Tensor, log_b: Tensor, f: Tensor, g: Tensor, eps: float, rho: float,
-                    steps: int) -> tuple[Tensor, Tensor, Tensor]:
-    """`steps` log-domain updates of (f, g) given C / eps; also f's last change / eps per problem."""
+def _log_iterations(matrices: tuple[Tensor, ...], log_a: Tensor, log_b: Tensor, f: Tensor, g: Tensor, eps: float,
+                    rho: float, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`steps` log-domain updates of (f, g) given (C / eps,); also f's last change / eps per problem."""
+    (scaled,) = matrices
     for _ in range(steps):
         previous = f
         f = -rho * eps * torch.logsumexp(log_b.unsqueeze(1) + g.unsqueeze(1) / eps - scaled, dim=2)
@@ -114,13 +117,14 @@ def _log_iterations(scaled: Tensor, log_a: Tensor, log_b: Tensor, f: Tensor, g: 
     return f, g, (f - previous).abs().amax(1) / eps
 
 
-def _kernel_iterations(kernel: Tensor, log_a: Tensor, log_b: Tensor, f: Tensor, g: Tensor, eps: float, rho: float,
-                       steps: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The same updates on scalings u = exp(f / eps), v = exp(g / eps) given the kernel exp(-C / eps)
-    in float64: u = (K (b v))^-rho, v = (K^T (a u))^-rho, two matrix-vector products per iteration
-    (POT's sinkhorn_knopp_unbalanced), several times faster than the log-sum-exps. The scalings are
-    row vectors [K, 1, n]: a row vector times a matrix is ~4x faster than the matrix times a column."""
-    kernel_t = kernel.transpose(1, 2).contiguous()
+def _kernel_iterations(matrices: tuple[Tensor, ...], log_a: Tensor, log_b: Tensor, f: Tensor, g: Tensor, eps: float,
+                       rho: float, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The same updates on scalings u = exp(f / eps), v = exp(g / eps) given the kernel K = exp(-C / eps)
+    and K^T (float64, contiguous): u = (K (b v))^-rho, v = (K^T (a u))^-rho, two matrix-vector
+    products per iteration (POT's sinkhorn_knopp_unbalanced), several times faster than the
+    log-sum-exps. The scalings are row vectors [K, 1, n]: a row vector times a matrix is ~4x faster
+    than the matrix times a column."""
+    kernel, kernel_t = matrices
     a, b = log_a.double().exp().unsqueeze(1), log_b.double().exp().unsqueeze(1)
     u, v = (f.double() / eps).exp().unsqueeze(1), (g.double() / eps).exp().unsqueeze(1)
     for _ in range(steps):
