@@ -93,3 +93,15 @@ def test_balanced_limit_has_the_marginals():
     np.testing.assert_allclose(plan.sum(0), b, atol=1e-6)
     reference = ot.sinkhorn(a, b, cost, 0.05, method="sinkhorn_log", numItermax=10_000, stopThr=1e-12)
     assert relative_error(plan, reference) < 1e-3
+
+
+def test_a_nan_problem_does_not_change_its_stack():
+    """A problem with a NaN cost (a diverged map) comes out NaN; the others of its stack equal their
+    separate solves (the kernel / log-domain choice is made per problem)."""
+    costs = torch.stack([torch.tensor(scaled_cost(30, 20, s)) for s in range(3)])
+    costs[1, 0, 0] = float("nan")
+    stacked = sinkhorn_potentials(costs, NUBOT_EPS, NUBOT_REG_M)
+    assert bool(torch.isnan(stacked.f[1]).any())
+    for k in (0, 2):
+        alone = sinkhorn_potentials(costs[k : k + 1], NUBOT_EPS, NUBOT_REG_M)
+        torch.testing.assert_close(alone.f[0], stacked.f[k], rtol=0, atol=1e-12)

@@ -14,7 +14,7 @@ Its solution is P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps) for the dual potent
 (f = eps log u, g = eps log v of POT's scalings), which stays finite at small eps where the
 kernel exp(-C / eps) underflows (NubOT, Lübeck et al. 2022: eps = 0.005 on a cost scaled to
 max 1, i.e. kernel values down to exp(-200), 0 in float32). Where (cost + |potentials|) / eps spans
-less than KERNEL_SPAN, the same updates run on the float64 kernel and the scalings u = exp(f / eps),
+less than KERNEL_SPAN (per problem), the same updates run on the float64 kernel and the scalings u = exp(f / eps),
 v = exp(g / eps) (two matrix-vector products per iteration instead of two log-sum-exps; results in
 the cost's dtype).
 
@@ -78,32 +78,39 @@ def sinkhorn_potentials(
     """
     log_a, log_b = _log_weights(a, cost, 1), _log_weights(b, cost, 2)
     rho = 1.0 if math.isinf(reg_m) else reg_m / (reg_m + eps)
-    n_problems = cost.shape[0]
     f = torch.zeros_like(log_a) if init is None else init[0].to(cost.dtype).clone()
     g = torch.zeros_like(log_b) if init is None else init[1].to(cost.dtype).clone()
-    iterations = torch.zeros(n_problems, dtype=torch.int64, device=cost.device)
-    active = torch.arange(n_problems, device=cost.device)
-    if _kernel_is_safe(cost, f, g, eps):
-        kernel = torch.exp(-cost.double() / eps)
-        iterate, matrices = _kernel_iterations, (kernel, kernel.transpose(1, 2).contiguous())
-    else:
-        iterate, matrices = _log_iterations, (cost / eps,)
-    done = 0
-    while done < max_iterations and active.numel() > 0:
-        steps = min(check_every, max_iterations - done)
-        now = matrices if active.numel() == n_problems else tuple(m[active] for m in matrices)
-        fa, ga, change = iterate(now, log_a[active], log_b[active], f[active], g[active], eps, rho, steps)
-        done += steps
-        f[active], g[active] = fa.to(f.dtype), ga.to(g.dtype)
-        iterations[active] = done
-        active = active[~(change <= tol)]  # NaN counts as not converged (and stops at max_iterations)
+    iterations = torch.zeros(cost.shape[0], dtype=torch.int64, device=cost.device)
+    on_kernel = _kernel_is_safe(cost, f, g, eps)
+    for group, iterate in ((on_kernel.nonzero().squeeze(1), _kernel_iterations),
+                           ((~on_kernel).nonzero().squeeze(1), _log_iterations)):
+        if group.numel() == 0:
+            continue
+        if iterate is _kernel_iterations:
+            kernel = torch.exp(-cost[group].double() / eps)
+            matrices: tuple[Tensor, ...] = (kernel, kernel.transpose(1, 2).contiguous())
+        else:
+            matrices = (cost[group] / eps,)
+        active = torch.arange(group.numel(), device=cost.device)  # positions in the group
+        done = 0
+        while done < max_iterations and active.numel() > 0:
+            steps = min(check_every, max_iterations - done)
+            now = matrices if active.numel() == group.numel() else tuple(m[active] for m in matrices)
+            k = group[active]
+            fk, gk, change = iterate(now, log_a[k], log_b[k], f[k], g[k], eps, rho, steps)
+            done += steps
+            f[k], g[k] = fk.to(f.dtype), gk.to(g.dtype)
+            iterations[k] = done
+            active = active[~(change <= tol)]  # NaN counts as not converged (and stops at max_iterations)
     return Potentials(f, g, iterations)
 
 
-def _kernel_is_safe(cost: Tensor, f: Tensor, g: Tensor, eps: float) -> bool:
-    """Can the iterations run on the kernel exp(-C / eps) in float64 without under- or overflow?"""
-    span = (cost.amax() - cost.amin().clamp_max(0) + f.abs().amax() + g.abs().amax()) / eps
-    return bool(span < KERNEL_SPAN)
+def _kernel_is_safe(cost: Tensor, f: Tensor, g: Tensor, eps: float) -> Tensor:
+    """Per problem [K] (bool): can its iterations run on the kernel exp(-C / eps) in float64 without
+    under- or overflow? (Decided per problem, so that a problem's result does not depend on its stack.)"""
+    flat = cost.flatten(1)
+    span = (flat.amax(1) - flat.amin(1).clamp_max(0) + f.abs().amax(1) + g.abs().amax(1)) / eps
+    return span < KERNEL_SPAN  # NaN: False (the log domain)
 
 
 def _log_iterations(matrices: tuple[Tensor, ...], log_a: Tensor, log_b: Tensor, f: Tensor, g: Tensor, eps: float,
