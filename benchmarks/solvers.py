@@ -5,7 +5,8 @@
     python benchmarks/solvers.py --device cuda --stacks 1 8 64 --out benchmarks/out/solvers_gpu.json
 
 Cases: `cellot` (the engine's defaults: amortised dual), `cellot_published` (CellOT's min-max loop:
-10 g-steps per outer step), and `w1ot` in each of its phases (`w1ot:potential`, `w1ot:step_size`).
+10 g-steps per outer step), `w1ot` in each of its phases (`w1ot:potential`, `w1ot:step_size`) and
+`nubot` (two unbalanced Sinkhorn solves per step besides its ICNN pair).
 For each (d, K) every case trains the same synthetic Gaussian maps (benchmarks/throughput.py); after
 warm-up steps the cases are timed in turn within each repeat (side by side), and the median
 map-steps/s (K x outer steps / s of `solver.train_step`) is reported with its ratio to each CellOT
@@ -37,6 +38,7 @@ CASES: dict[str, tuple[str, dict[str, Any], str | None]] = {  # name: (solver, o
     "cellot_published": ("cellot", dict(CellOT.published), None),
     "w1ot:potential": ("w1ot", {}, "potential"),
     "w1ot:step_size": ("w1ot", {}, "step_size"),
+    "nubot": ("nubot", {}, None),
 }
 
 

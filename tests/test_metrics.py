@@ -191,7 +191,8 @@ def test_ground_truth_metrics():
 
 
 SPLITS = ("test", "test_identity", "test_observed")
-NAMES = {"mmd", "mmd50", "l2_means", "r_means", "r2_means", "energy", "sinkhorn_div_eps0.01", "knn_enrich50"}
+NAMES = {"mmd", "mmd50", "l2_means", "r_means", "r2_means", "energy", "sinkhorn_div_eps0.01", "knn_enrich50",
+         "mmd_weighted"}
 
 
 def _populations(scale: int = 1) -> dict[str, np.ndarray]:
@@ -229,15 +230,32 @@ def test_evaluate_map_options():
     table = {(r.split, r.metric): r.value for r in rows}
     boot = {f"{m}_boot_{s}" for m in ("mmd", "l2_means") for s in ("mean", "std")}
     expected = (NAMES - {"sinkhorn_div_eps0.01", "knn_enrich50"}) | boot
-    assert {m for s, m in table if s == "test"} == expected | {"mmd_weighted"}
+    assert {m for s, m in table if s == "test"} == expected
     assert {m for s, m in table if s == "test_identity"} == expected
     assert table["test", "mmd_weighted"] != table["test", "mmd"]
+    assert table["test_identity", "mmd_weighted"] == table["test_identity", "mmd"]  # uniform weights
     assert table["test", "mmd_boot_std"] > 0
     # l2_means uses every cell of the selected features
     full = {k: torch.from_numpy(v[:, [0, 2, 5]].astype(np.float64)) for k, v in cells.items()}
     assert table["test", "l2_means"] == pytest.approx(float(l2_means(full["pred"], full["target_test"])), rel=1e-6)
     assert rows != evaluate_map(**cells, features=np.array([0, 2, 5]), pred_weights=weights, bootstrap=3,
                                 seed=2, knn=False, sinkhorn=False, max_cells=100)
+
+
+def test_weighted_mmd_weights_the_prediction_and_balanced_rows_equal_the_mmd():
+    """mmd_weighted of `test` is the MMD with the predicted cells weighted (every cell kept: no
+    subsample); without weights, and for every baseline split, it is the split's mmd."""
+    cells = _populations()
+    weights = np.random.default_rng(2).uniform(0.1, 3.0, len(cells["pred"]))
+    table = _table(evaluate_map(**cells, pred_weights=weights, knn=False, sinkhorn=False))
+    as_tensor = {k: torch.from_numpy(v.astype(np.float64)) for k, v in cells.items()}
+    expected = mmd(as_tensor["pred"], as_tensor["target_test"], MMD_GAMMAS, x_weights=torch.from_numpy(weights))
+    assert table["test", "mmd_weighted"] == pytest.approx(float(expected), rel=1e-9)
+    assert table["test", "mmd_weighted"] != pytest.approx(table["test", "mmd"], rel=1e-3)
+    for split in ("test_identity", "test_observed"):
+        assert table[split, "mmd_weighted"] == table[split, "mmd"]
+    balanced = _table(evaluate_map(**cells, knn=False, sinkhorn=False))
+    assert balanced["test", "mmd_weighted"] == balanced["test", "mmd"]
 
 
 def _table(rows: list[MetricRow]) -> dict[tuple[str, str], float]:
@@ -261,6 +279,9 @@ def test_evaluate_map_splits_do_not_depend_on_options_or_on_the_other_splits():
     for options, dropped in variants:
         table = _table(evaluate_map(**cells, seed=5, max_cells=150, **options))
         shared = {key for key in table if key in base}
+        if "pred_weights" in options:  # the weights change the model's weighted MMD, nothing else
+            assert table["test", "mmd_weighted"] != base["test", "mmd_weighted"]
+            shared.discard(("test", "mmd_weighted"))
         assert {m for _, m in shared} == NAMES - dropped, options
         assert {key: table[key] for key in shared} == {key: base[key] for key in shared}, options
         if "bootstrap" in options:

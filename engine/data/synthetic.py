@@ -148,3 +148,51 @@ def make_known_maps(dim: int, n_maps: int = 3, clusters: int = 4, strength: floa
     anchors = np.stack([draft.sample_source(dim, rng) for _ in range(n_maps)])  # o_j: source cells
     offsets = np.einsum("kjd,kjd->kj", normals, anchors)
     return KnownMaps(means, rng.normal(0.0, 1.0, (n_maps, dim)), normals, offsets, strength, tau)
+
+
+@dataclass(frozen=True)
+class ClusterSetting:
+    """One setting of NubOT's synthetic experiment: cluster proportions in source (p) and target (q)."""
+
+    source: tuple[float, float, float]
+    target: tuple[float, float, float]
+
+    @property
+    def growth(self) -> np.ndarray:
+        """The true scaling factor q / p of each cluster."""
+        return np.asarray(self.target) / np.asarray(self.source)
+
+
+THIRD = 1.0 / 3.0
+CLUSTER_SETTINGS: dict[str, ClusterSetting] = {  # Lübeck et al. 2022, table 1 (settings a, b, c)
+    "a": ClusterSetting((THIRD, THIRD, THIRD), (0.45, 0.45, 0.10)),
+    "b": ClusterSetting((THIRD, THIRD, THIRD), (0.70, 0.20, 0.10)),
+    "c": ClusterSetting((0.45, 0.45, 0.10), (0.10, 0.45, 0.45)),
+}
+CLUSTER_CENTRES = np.array([[0.0, 0.0], [5.0, 0.0], [2.5, 4.33]])  # an equilateral triangle of side 5
+CLUSTER_SHIFT = np.array([3.0, 2.0])  # longer than half a side: x -> x is not the right matching
+CLUSTER_SPREAD = 0.5
+
+
+def make_clusters(n_cells: int = 4000, settings: Sequence[str] = ("a", "b", "c"), seed: int = 0) -> ad.AnnData:
+    """NubOT's synthetic experiment (Lübeck et al. 2022, 4.1 and table 1), 2-D, one group per setting.
+
+    Group s (a setting of CLUSTER_SETTINGS) has ``n_cells`` control cells drawn from three Gaussians
+    (centres CLUSTER_CENTRES, std CLUSTER_SPREAD) with proportions p, and ``n_cells`` perturbed cells
+    from the same clusters with proportions q, every cell shifted by CLUSTER_SHIFT. The unbalanced map
+    is x -> x + shift with weight q_k / p_k on cluster k. obs: ``condition`` (control | shifted),
+    ``group`` (the setting), ``cluster``.
+    """
+    rng = np.random.default_rng(seed)
+    blocks, conditions, groups, clusters = [], [], [], []
+    for name in settings:
+        setting = CLUSTER_SETTINGS[name]
+        for label, proportions, shift in (("control", setting.source, 0.0), ("shifted", setting.target, CLUSTER_SHIFT)):
+            cluster = rng.choice(3, size=n_cells, p=np.asarray(proportions) / sum(proportions))
+            blocks.append(CLUSTER_CENTRES[cluster] + CLUSTER_SPREAD * rng.standard_normal((n_cells, 2)) + shift)
+            conditions += [label] * n_cells
+            groups += [name] * n_cells
+            clusters.append(cluster)
+    obs = pd.DataFrame({"condition": pd.Categorical(conditions), "group": pd.Categorical(groups),
+                        "cluster": np.concatenate(clusters)}, index=[f"cell{i}" for i in range(len(conditions))])
+    return ad.AnnData(X=np.concatenate(blocks).astype(np.float32), obs=obs, var=pd.DataFrame(index=["x", "y"]))

@@ -132,8 +132,10 @@ def evaluate_map(
     to the cells that baseline predicted from ``source_test``. Per split: ``mmd`` (6 gammas), ``mmd50`` (50 gammas), ``l2_means``,
     ``r_means`` (Pearson r of the mean vectors), ``r2_means`` (its square), ``energy``,
     ``sinkhorn_div_eps0.01`` (when ``sinkhorn``), ``knn_enrich50`` (when ``knn``; on equal-size
-    subsets, 0.5 = mixed; NaN, not computable, below 2k = 100 cells per side), and for ``test``
-    ``mmd_weighted`` when ``pred_weights`` are given (NubOT). The means use every cell; the O(n^2)
+    subsets, 0.5 = mixed; NaN, not computable, below 2k = 100 cells per side), and ``mmd_weighted``
+    (NubOT's weighted MMD: for ``test`` the predicted cells weighted by ``pred_weights`` when given;
+    uniform weights, i.e. the ``mmd``, for every other split and for balanced maps, as NubOT
+    reports its baselines). The means use every cell; the O(n^2)
     metrics use a seeded subsample of at most ``max_cells`` cells per population. ``bootstrap`` B > 0
     adds ``<metric>_boot_mean`` / ``_boot_std`` for mmd and l2_means over B random subsamples
     (CellOT). Deterministic: each (population, purpose) draws from its own stream of ``seed`` (`_rng`),
@@ -163,6 +165,8 @@ def evaluate_map(
         if split == "test" and pred_weights is not None:
             weights = torch.from_numpy(np.asarray(pred_weights, dtype=np.float64))[keep]
             scores["mmd_weighted"] = float(mmd(cells_sample, target_sample, MMD_GAMMAS, x_weights=weights))
+        else:  # uniform weights (a balanced map, a baseline): the weighted MMD is the MMD
+            scores["mmd_weighted"] = scores["mmd"]
         if bootstrap > 0:
             scores.update(_bootstrap(cells, target, bootstrap, _rng(seed, stream, "bootstrap")))
         rows += [MetricRow(split, name, value) for name, value in scores.items()]

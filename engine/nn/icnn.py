@@ -87,9 +87,11 @@ class StackedICNN(nn.Module):
         for weight in self._hidden_path():
             weight.clamp_(min=0)
 
-    def negative_weight_penalty(self) -> torch.Tensor:
-        """Per-map sum_i ||relu(-W_i)||_F (not squared), shape [K] (CellOT's penalty on g)."""
-        return sum(F.relu(-weight).flatten(1).norm(dim=1) for weight in self._hidden_path())
+    def negative_weight_penalty(self, squared: bool = False) -> torch.Tensor:
+        """Per-map sum_i ||relu(-W_i)||_F, shape [K] (CellOT's penalty on g), or with `squared`
+        sum_i ||relu(-W_i)||_F^2 (NubOT's, Lübeck et al. 2022, D.3)."""
+        norms = (F.relu(-weight).flatten(1).norm(dim=1) for weight in self._hidden_path())
+        return sum(norm.square() if squared else norm for norm in norms)
 
     def _hidden_path(self) -> list[torch.Tensor]:
         """The weights that must stay >= 0 for convexity: W_i and the quadratic's gate."""
