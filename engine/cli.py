@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,32 +20,15 @@ from engine.solvers import SOLVERS
 DEMO_STEPS = 1000  # the demo's default budget (a few minutes on a laptop CPU); --steps overrides
 
 
-class Progress:
-    """One self-overwriting status line on stderr for long training runs."""
-
-    def __init__(self, label: str) -> None:
-        self.label, self.started, self.last = label, time.perf_counter(), 0.0
-
-    def __call__(self, done: int, total: int, stacks_done: int, stacks: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < (1.0 if sys.stderr.isatty() else 15.0) and done < total:
-            return
-        self.last = now
-        elapsed = now - self.started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = f", eta {int((total - done) / rate)}s" if 0 < done < total and rate > 0 else ""
-        percent = 100 * done / total if total else 100.0
-        end = "\r" if sys.stderr.isatty() else "\n"
-        print(f"{self.label}: {done}/{total} steps ({percent:.0f}%), {stacks_done}/{stacks} stacks done, "
-              f"{elapsed:.0f}s{eta}   ", end=end, file=sys.stderr, flush=True)
-
-
-def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
-    if data_required:
-        p.add_argument("--data", required=True, help="input .h5ad (dense or sparse X, or --obsm-key)")
-        p.add_argument("--condition-key", required=True, help="obs column holding the condition labels")
-        p.add_argument("--control", required=True, help="control label in that column")
+def _train_args(p: argparse.ArgumentParser, data_args: bool = True) -> None:
+    if data_args:
+        p.add_argument("--data", help="input .h5ad (dense or sparse X, or --obsm-key); required unless --resume")
+        p.add_argument("--condition-key", help="obs column holding the condition labels; required unless --resume")
+        p.add_argument("--control", help="control label in that column; required unless --resume")
         p.add_argument("--perturbations", default="all", help="'all' or a comma-separated list of labels")
+        p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                       help="finish a stopped run: its unfinished maps from their last checkpoints (`--resume "
+                            "RUN_DIR` alone, or the run's own train command with --resume)")
     p.add_argument("--solver", choices=sorted(SOLVERS),
                    help="default: the config file's solver.name, else cellot. " + "; ".join(
                        f"{name} = {cls.summary()}" for name, cls in sorted(SOLVERS.items())))
@@ -93,12 +76,20 @@ def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str |
     )
 
 
-def _run(config: Any, out: Path | None, store: str | None) -> int:
-    from engine.api import run
+def _run(config: Any, out: Path | None, store: str | None, resume: bool = False) -> int:
+    from engine.api import resume_run, run
+    from engine.progress import ProgressBar
 
     run_dir = out or default_run_dir()
-    result = run(config, run_dir, store, on_progress=Progress(f"training {config.solver}"))
-    print(file=sys.stderr)
+    bar = ProgressBar(f"training {config.solver if config else 'resumed run'}")
+    try:
+        result = run(config, run_dir, store, on_progress=bar, resume=resume) if config else resume_run(run_dir, None, store, bar)
+    except KeyboardInterrupt:
+        done = f"{bar.last.maps_done}/{bar.last.maps} maps done; " if bar.last else ""
+        bar.close(f"perturbot: interrupted ({done}finish with `perturbot train --resume {run_dir}`)")
+        return 130
+    finally:
+        bar.close()
     maps = result.maps()
     print(f"run {result.run_id}: {len(maps)} maps, "
           + ", ".join(f"{n} {s}" for s, n in maps["status"].value_counts().items()) + f" -> {run_dir}")
@@ -109,8 +100,21 @@ def _run(config: Any, out: Path | None, store: str | None) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    resume_dir = Path(args.resume) if isinstance(args.resume, str) else None
+    if resume_dir is not None and args.out is not None and resume_dir.resolve() != args.out.resolve():
+        raise DataError(f"--resume {resume_dir} and --out {args.out} name different run directories")
+    missing = [flag for flag, value in (("--data", args.data), ("--condition-key", args.condition_key),
+                                        ("--control", args.control)) if value is None]
+    if resume_dir is not None and len(missing) == 3:  # `train --resume RUN_DIR`: the run's own settings
+        if args.set or args.config or args.steps is not None:
+            raise DataError("--resume RUN_DIR alone finishes the run with its own settings; drop --set/--config/--steps")
+        return _run(None, resume_dir, args.store, resume=True)
+    if missing:
+        raise DataError(f"train needs {', '.join(missing)} (or --resume RUN_DIR to finish a stopped run)")
+    if args.resume is True and args.out is None:
+        raise DataError("--resume without a run directory needs --out RUN_DIR (the run to finish)")
     config = _resolve_config(args, str(args.data), args.condition_key, args.control, args.perturbations, args.split_by)
-    return _run(config, args.out, args.store)
+    return _run(config, resume_dir or args.out, args.store, resume=args.resume is not None)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -217,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help=f"train on a shipped synthetic dataset (2 groups x 4 perturbations; "
                                     f"{DEMO_STEPS} steps and 2 workers unless set)")
-    _train_args(p, data_required=False)
+    _train_args(p, data_args=False)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("predict", help="predict perturbed cells from control cells with a trained run")
     p.add_argument("--run", required=True, help="run directory")
@@ -252,20 +256,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv[:1] == ["bench"]:
         return cmd_bench(argparse.Namespace(), [a for a in argv[1:] if a != "--"])
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops a run as Ctrl-C does (its maps: interrupted)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at exit
+        return code
     except DataError as error:
         print(f"perturbot: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("perturbot: interrupted", file=sys.stderr)
-        return 1
+        return 130
+    except BrokenPipeError:  # `perturbot metrics | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as error:  # a failed run: one line, the details are in the run directory / logs
         print(f"perturbot: run failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

@@ -176,6 +176,10 @@ class Store:
         }
         self._upsert(RUNS, [row], keep=("created_at",))
 
+    def restart_run(self, run_id: str) -> None:
+        """Mark a stopped run "running" again (it is being resumed); created_at is kept."""
+        self._upsert(RUNS, [{"run_id": run_id, "status": "running", "finished_at": None}])
+
     def finish_run(self, run_id: str, status: str) -> None:
         """Set a run's final status and finished_at (UTC ISO time)."""
         self._upsert(RUNS, [{"run_id": run_id, "status": status, "finished_at": _now()}])
