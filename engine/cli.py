@@ -1,4 +1,4 @@
-"""`perturbot`: train, demo, predict, evaluate, runs, metrics, bench.
+"""`perturbot`: train, demo, predict, evaluate, runs, metrics, submit, jobs, bench.
 
 Errors are one line on stderr: exit code 2 for bad input (data, options), 1 for a failed run.
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+from engine.cluster.jobs import DEFAULT_ADDRESS
 from engine.data import DataError
 from engine.data.spec import PREPROCESSING, SELECT_ON
 from engine.rundir import RunDir, default_run_dir
@@ -56,7 +57,7 @@ def _train_args(p: argparse.ArgumentParser, data_args: bool = True) -> None:
                         "lr 1e-4, 100k steps); --steps and --set still apply")
 
 
-def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str | None, control: str | None,
+def _resolve_config(args: argparse.Namespace, dataset: str | None, condition_key: str | None, control: str | None,
                     perturbations: str | None, split_by: str | None) -> Any:
     from engine.config import RunConfig
 
@@ -109,11 +110,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.set or args.config or args.steps is not None:
             raise DataError("--resume RUN_DIR alone finishes the run with its own settings; drop --set/--config/--steps")
         return _run(None, resume_dir, args.store, resume=True)
-    if missing:
-        raise DataError(f"train needs {', '.join(missing)} (or --resume RUN_DIR to finish a stopped run)")
+    if missing and args.config is None:
+        raise DataError(f"train needs {', '.join(missing)} (or --config FILE, or --resume RUN_DIR to finish a stopped run)")
     if args.resume is True and args.out is None:
         raise DataError("--resume without a run directory needs --out RUN_DIR (the run to finish)")
-    config = _resolve_config(args, str(args.data), args.condition_key, args.control, args.perturbations, args.split_by)
+    dataset = str(args.data) if args.data is not None else None
+    config = _resolve_config(args, dataset, args.condition_key, args.control, args.perturbations, args.split_by)
     return _run(config, resume_dir or args.out, args.store, resume=args.resume is not None)
 
 
@@ -178,9 +180,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_frame(frame: Any, fmt: str) -> None:
+def _print_frame(frame: Any, fmt: str, empty: str = "no metrics yet") -> None:
     if frame.empty:
-        print("no metrics yet")
+        print(empty)
         return
     if fmt == "csv":
         print(frame.to_csv(index=False), end="")
@@ -193,6 +195,47 @@ def _print_frame(frame: Any, fmt: str) -> None:
 def cmd_metrics(args: argparse.Namespace) -> int:
     result = _open_run(args.run, args.store)
     _print_frame(result.metrics(metric=args.metric) if args.raw else result.summary(args.metric), args.format)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from engine.cluster import jobs
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    client = jobs.connect(args.address)
+    job = jobs.submit(client, command, install=args.install)
+    print(f"job {job}", flush=True)
+    if args.no_wait:
+        print(f"follow it with `perturbot jobs logs {job} --follow`", file=sys.stderr)
+        return 0
+    status = jobs.follow(client, job)
+    print(f"job {job}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from engine.cluster import jobs
+
+    client = jobs.connect(args.address)
+    if args.action == "list":
+        rows = [{"job": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint[:80],
+                 "started": pd.to_datetime(j.start_time, unit="ms") if j.start_time else None}
+                for j in client.list_jobs()]
+        _print_frame(pd.DataFrame(rows), "table", empty="no jobs")
+        return 0
+    if args.job is None:
+        raise DataError(f"jobs {args.action} needs a job id (see `perturbot jobs list`)")
+    if args.action == "status":
+        info = client.get_job_info(args.job)
+        print(f"{args.job}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    elif args.action == "logs":
+        if args.follow:
+            return 0 if jobs.follow(client, args.job) == "SUCCEEDED" else 1
+        print(client.get_job_logs(args.job), end="")
+    else:
+        print(f"{args.job}: " + ("stopping" if client.stop_job(args.job) else "already finished"))
     return 0
 
 
@@ -248,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--raw", action="store_true", help="every row (training logs, validation), not the summary")
     p.set_defaults(func=cmd_metrics)
+    p = sub.add_parser("submit", help="run train/demo/evaluate as a job on a Ray cluster (Jobs API), follow its logs")
+    p.add_argument("--address", help=f"the cluster's dashboard URL (default: RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--install", action="store_true",
+                   help="pip-install perturbot's dependencies into the job's runtime env (clusters without them)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- train|demo|evaluate ARGS (give --out on shared storage)")
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("jobs", help="jobs on a Ray cluster: list, status JOB, logs JOB [--follow], stop JOB")
+    p.add_argument("action", choices=("list", "status", "logs", "stop"))
+    p.add_argument("job", nargs="?", help="job (submission) id")
+    p.add_argument("--address", help=f"the cluster's dashboard URL (default: RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    p.add_argument("--follow", action="store_true", help="logs: stream them until the job ends")
+    p.set_defaults(func=cmd_jobs)
     p = sub.add_parser("bench", add_help=False,
                        help="benchmarks (JSON out): stacked vs one-at-a-time (`bench --help`), 1 vs 2 Ray workers "
                             "(`bench workers`), data preparation (`bench data_prep`), W2 solvers against known maps "

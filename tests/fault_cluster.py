@@ -48,14 +48,21 @@ def config(dataset: Path, address: str) -> RunConfig:
                              train_params={"stack_size": 1, "checkpoint_every": 20, "eval_every": 50})
 
 
-def train_worker_pids() -> list[int]:
-    """Processes whose title names a Ray Train worker (Linux /proc)."""
+def raylet_pids(cluster: Cluster) -> dict[int, object]:
+    return {p.process.pid: node for node in cluster.worker_nodes for p in node.all_processes.get("raylet", [])}
+
+
+def train_worker_pids(cluster: Cluster) -> list[int]:
+    """Ray Train worker processes of THIS cluster (children of its raylets; other Rays on the
+    machine are left alone), from Linux /proc."""
+    raylets = raylet_pids(cluster)
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+            if (entry.name.isdigit() and b"RayTrainWorker" in (entry / "cmdline").read_bytes()
+                    and parent_pid(int(entry.name)) in raylets):
                 pids.append(int(entry.name))
-        except OSError:  # gone meanwhile
+        except (OSError, ValueError, IndexError):  # gone meanwhile
             continue
     return pids
 
@@ -65,16 +72,14 @@ def parent_pid(pid: int) -> int:
 
 
 def checkpoints(run_dir: Path) -> int:
-    return len(list((run_dir / "checkpoints").glob("*.train.pt")))
+    """Stacks with a training checkpoint that have not finished (no maps file yet)."""
+    return sum(1 for p in (run_dir / "checkpoints").glob("*.train.pt")
+               if not p.with_name(p.name.replace(".train.pt", ".maps.pt")).exists())
 
 
 def node_of(cluster: Cluster, pid: int) -> object:
     """The fake node whose raylet started process `pid` (workers are the raylet's children)."""
-    parent = parent_pid(pid)
-    for node in cluster.worker_nodes:
-        if any(p.process.pid == parent for p in node.all_processes.get("raylet", [])):
-            return node
-    raise RuntimeError(f"no worker node runs process {pid}")
+    return raylet_pids(cluster)[parent_pid(pid)]
 
 
 def main(fault: str, out: Path) -> dict:
@@ -94,7 +99,7 @@ def main(fault: str, out: Path) -> dict:
                                    "--set", "train.stack_size=1", "--set", "train.checkpoint_every=20",
                                    "--set", "train.eval_every=50", "--out", str(run_dir)],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while checkpoints(run_dir) < 2 and driver.poll() is None:
+        while checkpoints(run_dir) < 1 and driver.poll() is None:
             time.sleep(0.5)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
@@ -107,10 +112,10 @@ def main(fault: str, out: Path) -> dict:
 
         def inject(_progress: object) -> None:
             nonlocal done
-            if done or checkpoints(run_dir) < 2 or not train_worker_pids():
+            if done or checkpoints(run_dir) < 1 or not train_worker_pids(cluster):
                 return
             done = True
-            victim = train_worker_pids()[0]
+            victim = train_worker_pids(cluster)[0]
             if fault == "worker":
                 os.kill(victim, signal.SIGKILL)
                 report["injected"] = f"killed train worker {victim}"

@@ -1,0 +1,76 @@
+"""`perturbot submit` and `perturbot jobs` against a real head: `ray start --head` on loopback (token
+authentication, Ray's default), a small demo job submitted through the Jobs API, which must
+SUCCEED with its rows in the store. Slow: a head and a job take a minute or more here."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.api import FitResult
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _perturbot(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def head():
+    """A Ray head of its own on loopback (its own ports and temp dir; stopped by its own pid)."""
+    temp = tempfile.mkdtemp(prefix="/tmp/pb-head-")
+    dashboard = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_AUTH_MODE", None)  # Ray's default: token authentication
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 300
+    while _perturbot("jobs", "list", "--address", url, timeout=120).returncode != 0:
+        assert process.poll() is None and time.time() < deadline, "the head did not start"
+        time.sleep(2)
+    yield url
+    process.terminate()
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_submit_a_small_job_to_a_local_head_succeeds_with_rows_in_the_store(head, tmp_path):
+    out = tmp_path / "run"
+    done = _perturbot("submit", "--address", head, "--", "demo", "--steps", "10", "--workers", "1",
+                      "--set", "train.eval_every=5", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job = done.stdout.splitlines()[0].removeprefix("job ")
+    assert f"job {job}: SUCCEEDED" in done.stderr
+    assert "8 maps" in done.stdout  # the job's own output, streamed
+    result = FitResult.load(out)
+    assert (result.maps()["status"] == "trained").all() and len(result.maps()) == 8
+    assert len(result.metrics(split="test")) > 0
+    listed = _perturbot("jobs", "list", "--address", head)
+    assert job in listed.stdout and "SUCCEEDED" in listed.stdout
+    assert _perturbot("jobs", "status", job, "--address", head).stdout.strip().startswith(f"{job}: SUCCEEDED")
+    assert "8 maps" in _perturbot("jobs", "logs", job, "--address", head).stdout
+    assert "already finished" in _perturbot("jobs", "stop", job, "--address", head).stdout
+    refused = _perturbot("submit", "--address", head, "--", "predict", "--run", str(out))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
