@@ -163,12 +163,13 @@ def _sha256(path: Path) -> str:
 
 
 def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None, adata: ad.AnnData | None = None,
-        on_progress: ProgressFn | None = None, resume: bool = False) -> FitResult:
+        on_progress: ProgressFn | None = None, resume: bool = False, storage: str | Path | None = None) -> FitResult:
     """Prepare the data, train every map on Ray (one TorchTrainer fit), write predictions and the store.
 
     A run_dir that already holds a run is an error unless `resume` (then: resume_run, with `config`
-    checked against the run's own)."""
-    directory = RunDir(run_dir)
+    checked against the run's own). `storage`: where the prepared cells, checkpoints, maps and
+    per-stack predictions go (engine.rundir; default the run directory)."""
+    directory = RunDir(run_dir, storage)
     if directory.exists():
         if not resume:
             raise DataError(f"{run_dir} already holds a run; finish it with `perturbot train --resume {run_dir}` "
@@ -305,6 +306,7 @@ def fit(
     address: str | None = None,
     out: str | Path | None = None,
     store: str | None = None,
+    storage: str | Path | None = None,
     resume: bool = False,
     on_progress: ProgressFn | None = None,
     progress: bool = True,
@@ -315,6 +317,7 @@ def fit(
     style `section.key=value` strings; keyword arguments left at None take the file's value or the
     default (RunConfig.resolve). condition_key and control are required unless the file gives them.
     resume: `out` may hold a stopped run of the same settings, which is finished (resume_run).
+    storage: a path every Ray node sees for what workers write (default `out`; see engine.rundir).
     Progress: a live bar on stderr (engine.progress.ProgressBar, as the CLI's), or each
     RunProgress to `on_progress` instead; progress=False shows nothing.
     """
@@ -329,7 +332,8 @@ def fit(
     )
     bar = ProgressBar(f"training {resolved.solver}") if progress and on_progress is None else None
     try:
-        return run(resolved, out if out is not None else default_run_dir(), store, adata, on_progress or bar, resume)
+        return run(resolved, out if out is not None else default_run_dir(), store, adata, on_progress or bar, resume,
+                   storage)
     finally:
         if bar is not None:
             bar.close()

@@ -38,6 +38,8 @@ def _train_args(p: argparse.ArgumentParser, data_args: bool = True) -> None:
                    help="override a config value, e.g. train.batch_size=128 or solver.init=uniform")
     p.add_argument("--out", type=Path, help="run directory (default runs/<time>)")
     p.add_argument("--store", help="SQLAlchemy URL of the metrics store (default sqlite in the run dir)")
+    p.add_argument("--storage", help="where workers write cells, checkpoints, maps, predictions: a path every node "
+                                      "mounts (default: the run directory)")
     p.add_argument("--address", default=None, help="local (default, in-process Ray) | auto | ray://host:port")
     p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
@@ -77,14 +79,15 @@ def _resolve_config(args: argparse.Namespace, dataset: str | None, condition_key
     )
 
 
-def _run(config: Any, out: Path | None, store: str | None, resume: bool = False) -> int:
+def _run(config: Any, out: Path | None, store: str | None, resume: bool = False, storage: str | None = None) -> int:
     from engine.api import resume_run, run
     from engine.progress import ProgressBar
 
     run_dir = out or default_run_dir()
     bar = ProgressBar(f"training {config.solver if config else 'resumed run'}")
     try:
-        result = run(config, run_dir, store, on_progress=bar, resume=resume) if config else resume_run(run_dir, None, store, bar)
+        result = (run(config, run_dir, store, on_progress=bar, resume=resume, storage=storage) if config
+                  else resume_run(run_dir, None, store, bar))
     except KeyboardInterrupt:
         done = f"{bar.last.maps_done}/{bar.last.maps} maps done; " if bar.last else ""
         bar.close(f"perturbot: interrupted ({done}finish with `perturbot train --resume {run_dir}`)")
@@ -116,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise DataError("--resume without a run directory needs --out RUN_DIR (the run to finish)")
     dataset = str(args.data) if args.data is not None else None
     config = _resolve_config(args, dataset, args.condition_key, args.control, args.perturbations, args.split_by)
-    return _run(config, resume_dir or args.out, args.store, resume=args.resume is not None)
+    return _run(config, resume_dir or args.out, args.store, resume=args.resume is not None, storage=args.storage)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -132,7 +135,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.workers is None:
         args.workers = min(2, os.cpu_count() or 1)
     config = _resolve_config(args, str(dataset), "condition", "control", "all", args.split_by or "group")
-    return _run(config, out, args.store)
+    return _run(config, out, args.store, storage=args.storage)
 
 
 def _open_run(run: str, store: str | None) -> Any:
@@ -169,15 +172,25 @@ def cmd_runs(args: argparse.Namespace) -> int:
     urls = [args.store] if args.store else [d.default_store for d in runs_found if d.has_default_store()]
     frames = []
     for url in urls:
-        store = Store(url)
-        frames.append(store.runs())
-        store.close()
+        with Store(url) as store:
+            runs, statuses = store.runs(), store.map_statuses()
+        runs["maps"] = [_map_progress(statuses[statuses["run_id"] == run_id]) for run_id in runs["run_id"]]
+        frames.append(runs)
     if not frames or all(f.empty for f in frames):
         print("no runs found" + ("" if args.store else f" under {args.root}/ (use --store URL)"))
         return 0
-    runs = pd.concat(frames)[["run_id", "kind", "solver", "dataset", "status", "created_at", "finished_at"]]
+    runs = pd.concat(frames)[["run_id", "kind", "solver", "dataset", "status", "maps", "created_at", "finished_at"]]
     print(runs.to_string(index=False))
     return 0
+
+
+def _map_progress(statuses: Any) -> str:
+    """`5/8 done (3 trained, 1 diverged, 1 failed, 2 running, 1 pending)` from one run's status counts."""
+    from engine.train.worker import FINAL_STATUSES
+
+    counts = dict(zip(statuses["status"], statuses["maps"]))
+    done = sum(n for status, n in counts.items() if status in FINAL_STATUSES)
+    return f"{done}/{sum(counts.values())} done (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")"
 
 
 def _print_frame(frame: Any, fmt: str, empty: str = "no metrics yet") -> None:

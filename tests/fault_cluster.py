@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,6 +72,12 @@ def parent_pid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def checkpoints(run_dir: Path) -> int:
     """Stacks with a training checkpoint that have not finished (no maps file yet)."""
     return sum(1 for p in (run_dir / "checkpoints").glob("*.train.pt")
@@ -86,7 +93,10 @@ def main(fault: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     dataset, run_dir = out / "cells.h5ad", out / "run"
     write_data(dataset)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    port = free_port()
+    # Ray's helpers started in this cluster look for "the latest" Ray on the machine unless told
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "gcs_server_port": port})
     for _ in range(3):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

@@ -68,6 +68,7 @@ def _tiny(a):
         ("negative workers", lambda tmp, h: h, ["--workers", "-1"], "workers must be >= 1"),
         ("more workers than a fixed Ray has CPUs", lambda tmp, h: h, ["--workers", "64", "--split-by", "group"],
          "has 2 CPU(s)"),
+        ("object-store storage", lambda tmp, h: h, ["--storage", "s3://bucket/runs"], "s3://"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, make, args, needle, h5ad, tmp_path, capsys, ray_session):
@@ -89,7 +90,7 @@ def test_an_interrupt_is_one_line_after_the_progress_bar(monkeypatch, h5ad, tmp_
     import engine.api
     from engine.progress import RunProgress
 
-    def interrupted(config, run_dir, store, on_progress, resume):
+    def interrupted(config, run_dir, store, on_progress, resume, storage):
         on_progress(RunProgress(1, 4, 120, 800))
         raise KeyboardInterrupt
 
@@ -125,7 +126,8 @@ def test_demo_metrics_and_predict(ray_session, tmp_path, capsys):
     np.testing.assert_allclose(evaluated.loc[final.index].to_numpy(), final.to_numpy(), rtol=1e-5, atol=1e-7)
     capsys.readouterr()
     assert main(["runs", "--root", str(tmp_path)]) == 0
-    assert "finished" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "finished" in listed and "8/8 done (8 trained)" in listed  # per-run map statuses from the store
     controls = tmp_path / "controls.h5ad"
     import anndata as ad
 

@@ -1,9 +1,12 @@
-"""`perturbot submit` and `perturbot jobs` against a real head: `ray start --head` on loopback (token
-authentication, Ray's default), a small demo job submitted through the Jobs API, which must
-SUCCEED with its rows in the store. Slow: a head and a job take a minute or more here."""
+"""`perturbot submit` and `perturbot jobs` against a real head: `ray start --head` on loopback with
+token authentication (RAY_AUTH_MODE=token; the token in RAY_AUTH_TOKEN, so ~/.ray is left alone), a
+small demo job submitted through the Jobs API, which must SUCCEED with its rows in the store; a
+client without the token is refused in one line. Slow: a head and a job take a minute or more here."""
 from __future__ import annotations
 
 import os
+import secrets
+import signal
 import shutil
 import socket
 import subprocess
@@ -23,8 +26,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _perturbot(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+TOKEN = secrets.token_hex(16)
+
+
+def _perturbot(*args: str, timeout: float = 900, token: str | None = TOKEN) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", **({"RAY_AUTH_TOKEN": token} if token else {}))
     return subprocess.run([sys.executable, "-m", "engine.cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -34,25 +41,26 @@ def head():
     """A Ray head of its own on loopback (its own ports and temp dir; stopped by its own pid)."""
     temp = tempfile.mkdtemp(prefix="/tmp/pb-head-")
     dashboard = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_AUTH_MODE", None)  # Ray's default: token authentication
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
          f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 300
-    while _perturbot("jobs", "list", "--address", url, timeout=120).returncode != 0:
-        assert process.poll() is None and time.time() < deadline, "the head did not start"
-        time.sleep(2)
-    yield url
-    process.terminate()
     try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-    shutil.rmtree(temp, ignore_errors=True)
+        deadline = time.time() + 300
+        while _perturbot("jobs", "list", "--address", url, timeout=120).returncode != 0:
+            assert process.poll() is None and time.time() < deadline, "the head did not start"
+            time.sleep(2)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # its own session: the head's processes, nothing else
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -74,3 +82,5 @@ def test_submit_a_small_job_to_a_local_head_succeeds_with_rows_in_the_store(head
     assert "already finished" in _perturbot("jobs", "stop", job, "--address", head).stdout
     refused = _perturbot("submit", "--address", head, "--", "predict", "--run", str(out))
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    stranger = _perturbot("jobs", "list", "--address", head, token=secrets.token_hex(16), timeout=300)
+    assert stranger.returncode == 2 and stranger.stderr.count("\n") == 1, stranger.stderr

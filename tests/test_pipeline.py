@@ -25,6 +25,7 @@ def trained(ray_session, tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "synthetic.h5ad"
     adata.write_h5ad(path)
     out = tmp_path_factory.mktemp("runs") / "run"
+    storage = tmp_path_factory.mktemp("storage")  # what workers write goes here, not into the run directory
     options = dict(condition_key="condition", control="control", split_by="group", steps=STEPS,
                    train={"eval_every": STEPS // 2, "stack_size": 1}, workers=2, out=out)
     seen = []
@@ -35,14 +36,26 @@ def trained(ray_session, tmp_path_factory):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(path, on_progress=ctrl_c, **options)
+        fit(path, on_progress=ctrl_c, storage=storage, **options)
     with Store(out / "metrics.sqlite") as store:
         stopped = {"runs": store.runs(), "maps": store.maps(store.runs()["run_id"].item())}
-    stopped["checkpoints"] = sorted(p.name for p in (out / "checkpoints").glob("*.train.pt"))
+    stopped["checkpoints"] = sorted(p.name for p in (storage / "checkpoints").glob("*.train.pt"))
     bar = io.StringIO()
     with contextlib.redirect_stderr(bar):  # engine.fit's own progress bar
         result = fit(path, resume=True, **options)
     return result, adata, seen, stopped, bar.getvalue()
+
+
+def test_workers_write_only_into_the_storage_location(trained):
+    """--storage: cells, checkpoints, maps and per-stack predictions are in the storage location; the
+    run directory holds what the driver writes (config, run.json, predictions.h5ad, the store)."""
+    result = trained[0]
+    assert {p.name for p in result.run_dir.iterdir()} <= {"config.yaml", "run.json", "predictions.h5ad",
+                                                         "metrics.sqlite", "metrics.sqlite-wal", "metrics.sqlite-shm"}
+    storage = result.dir.storage
+    assert storage != result.run_dir.resolve()
+    assert {p.name for p in storage.iterdir()} == {"data", "checkpoints", "predictions", "ray"}
+    assert len(list((storage / "checkpoints").glob("*.maps.pt"))) == 4 and len(result.dir.saved_maps()) == 4
 
 
 STEPS = 100

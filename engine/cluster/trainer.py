@@ -59,7 +59,8 @@ def train_worker(loop_config: dict) -> None:
         device = torch.device("cpu")
     reporter = SinkReporter(ray.get_actor(loop_config["sink"]))
     try:
-        train_maps(MapRun(prepared, config, RunDir(loop_config["run_dir"]), reporter, device, loop_config["run_id"]), keys)
+        run_dir = RunDir(loop_config["run_dir"], storage=loop_config["storage"])  # a worker touches the storage only
+        train_maps(MapRun(prepared, config, run_dir, reporter, device, loop_config["run_id"]), keys)
     except StopRequested:  # the driver stops the run: the running stack has checkpointed
         return
 
@@ -103,6 +104,7 @@ def run_training(
             "shards": f"perturbot-shards-{run_id}",
             "sink": f"perturbot-sink-{run_id}",
             "run_dir": str(run_dir.root.resolve()),
+            "storage": str(run_dir.storage),
             "run_id": run_id,
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),

@@ -219,6 +219,11 @@ class Store:
         """The maps of one run, by perturbation name."""
         return self._frame(sa.select(MAPS).where(MAPS.c.run_id == run_id).order_by(MAPS.c.perturbation))
 
+    def map_statuses(self) -> pd.DataFrame:
+        """How many maps of each run are in each status (columns run_id, status, maps)."""
+        query = sa.select(MAPS.c.run_id, MAPS.c.status, sa.func.count().label("maps")).group_by(MAPS.c.run_id, MAPS.c.status)
+        return self._frame(query)
+
     def trials(self, run_id: str) -> pd.DataFrame:
         """The tune trials of one run, by trial id."""
         return self._frame(sa.select(TRIALS).where(TRIALS.c.run_id == run_id).order_by(TRIALS.c.trial_id))
