@@ -5,6 +5,7 @@ workers: different maps share nothing.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
 import ray
 import torch
@@ -39,6 +40,9 @@ def train_worker(loop_config: dict) -> None:
     keys = [MapKey(*k) for k in loop_config["assignments"][rank]]
     if not keys:
         return
+    node = ray.get_runtime_context().get_node_id()
+    print(f"worker {rank} on node {node} ({socket.gethostname()}) trains {len(keys)} maps: "
+          + ", ".join(k.name for k in keys), flush=True)  # the worker log says who trains what
     config = RunConfig.from_dict(loop_config["config"])
     shards = ray.get_actor(loop_config["shards"])
     layout: PreparedData = ray.get(shards.layout.remote())
