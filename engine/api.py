@@ -24,17 +24,18 @@ import pandas as pd
 
 from engine.config import RunConfig
 from engine.data import DataError, MapKey, PreparedData, prepare, read_h5ad
+from engine.progress import ProgressBar, ProgressFn
 from engine.rundir import RunDir, default_run_dir
 from engine.store import Store
 from engine.train.evaluation import BASELINE_MAPS, evaluate_maps, metric_rows
 from engine.train.saved_maps import SavedMaps, predict_cells
 from engine.train.stack import stack_data
 
-ProgressFn = Callable[[int, int, int, int], None]
 FINAL_SPLITS = {"test": "model", "test_identity": "identity", "test_observed": "observed",
                 **{f"test_{name}": name for name in BASELINE_MAPS}}
 DONE = ("trained", "diverged")  # map statuses of a finished map
 PREDICTION_COLUMNS = ("source_cell", "perturbation", "group", "weight")  # obs columns of a prediction
+UNFINISHED = ("pending", "running")  # statuses that only a live run may show
 
 
 class FitResult:
@@ -220,18 +221,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None,
-        adata: ad.AnnData | None = None, on_progress: ProgressFn | None = None) -> FitResult:
-    """Prepare the data, train every map on Ray (one TorchTrainer fit), write predictions and the store."""
-    from engine.cluster.runtime import connect_for
-    from engine.cluster.trainer import run_training
+def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None, adata: ad.AnnData | None = None,
+        on_progress: ProgressFn | None = None, resume: bool = False, storage: str | Path | None = None) -> FitResult:
+    """Prepare the data, train every map on Ray (one TorchTrainer fit), write predictions and the store.
 
-    directory = RunDir(run_dir)
+    A run_dir that already holds a run is an error unless `resume` (then: resume_run, with `config`
+    checked against the run's own). `storage`: where the prepared cells, checkpoints, maps and
+    per-stack predictions go (engine.rundir; default the run directory)."""
+    directory = RunDir(run_dir, storage)
     if directory.exists():
-        raise DataError(f"{run_dir} already holds a run; choose another --out")
+        if not resume:
+            raise DataError(f"{run_dir} already holds a run; finish it with `perturbot train --resume {run_dir}` "
+                            "or choose another --out")
+        return resume_run(directory.root, config, store_url, on_progress)
     adata = read_h5ad(config.dataset) if adata is None else adata
     prepared = prepare(adata, config.data)
-    placed = dataclasses.replace(config, cluster=connect_for(config, len(prepared.maps)))
+    placed = dataclasses.replace(config, cluster=_place(config, len(prepared.maps)))
     directory.root.mkdir(parents=True, exist_ok=True)
     store_url = store_url or directory.default_store
     run_id = f"{config.solver}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -239,16 +244,82 @@ def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None,
     prepared.save(directory.data)
     directory.write_info(run_id, store_url)
     dataset = Path(config.dataset)
-    status = "failed"
     with Store(store_url) as store:
         store.start_run(run_id, "train", config.solver, dataset.name,
                         _sha256(dataset) if dataset.is_file() else "", config.to_dict())
         store.upsert_maps([{"run_id": run_id, "perturbation": k.name, "status": "pending"} for k in prepared.maps])
+    return _train(placed, prepared, directory, run_id, store_url, on_progress)
+
+
+def resume_run(run_dir: str | Path, config: RunConfig | None = None, store_url: str | None = None,
+               on_progress: ProgressFn | None = None) -> FitResult:
+    """Finish a stopped run (interrupted, killed, failed): finished stacks (their maps file exists)
+    are kept, the others resume from their last checkpoint; maps that failed are tried again.
+
+    The run's own config.yaml is used; a `config` given (the same train command with --resume) must
+    equal it but for cluster.address (a run may resume on another cluster).
+    """
+    directory = RunDir(run_dir)
+    if not directory.exists():
+        raise DataError(f"{run_dir} holds no run to resume (no run.json)")
+    saved = RunConfig.load(directory.config)
+    if config is not None:
+        differences = _differences(saved.to_dict(), config.to_dict(), ignore={"cluster.address"})
+        if differences:
+            raise DataError(f"{run_dir} was run with other settings ({', '.join(differences)}); resume it with "
+                            f"`perturbot train --resume {run_dir}` alone or choose another --out")
+        saved = dataclasses.replace(saved, cluster=dataclasses.replace(saved.cluster, address=config.cluster.address))
+    info = directory.read_info()
+    prepared = PreparedData.load(directory.data)
+    placed = dataclasses.replace(saved, cluster=_place(saved, len(prepared.maps)))
+    store_url = store_url or info["store"]
+    with Store(store_url) as store:
+        maps = store.maps(info["run_id"])
+        store.restart_run(info["run_id"])
+        store.upsert_maps([{"run_id": info["run_id"], "perturbation": name, "status": "pending", "error": None}
+                           for name in maps.loc[~maps["status"].isin(DONE), "perturbation"]])
+    return _train(placed, prepared, directory, info["run_id"], store_url, on_progress)
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], ignore: set[str], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        if name in ignore:
+            continue
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out += _differences(a[key], b[key], ignore, f"{name}.")
+        elif a.get(key) != b.get(key):
+            out.append(name)
+    return out
+
+
+def _place(config: RunConfig, n_maps: int) -> Any:
+    from engine.cluster.runtime import connect_for
+
+    return connect_for(config, n_maps)
+
+
+def _train(placed: RunConfig, prepared: PreparedData, directory: RunDir, run_id: str, store_url: str,
+           on_progress: ProgressFn | None) -> FitResult:
+    """Train the run's unfinished stacks; however it ends, no map of it stays pending or running
+    (a stopped run's are `interrupted`, for `resume_run`) and the run gets its final status."""
+    from engine.cluster.trainer import run_training
+
+    status = "failed"
+    with Store(store_url) as store:
         try:
             run_training(placed, prepared, directory, run_id, store_url, on_progress)
             write_predictions(directory, prepared)
             status = "finished" if all_done(store.maps(run_id)) else "partial"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
         finally:
+            maps = store.maps(run_id)
+            store.upsert_maps([{"run_id": run_id, "perturbation": name, "status": "interrupted"}
+                               for name in maps.loc[maps["status"].isin(UNFINISHED), "perturbation"]])
             store.finish_run(run_id, status)
     return FitResult(directory.root, store_url)
 
@@ -297,13 +368,20 @@ def fit(
     address: str | None = None,
     out: str | Path | None = None,
     store: str | None = None,
+    storage: str | Path | None = None,
+    resume: bool = False,
     on_progress: ProgressFn | None = None,
+    progress: bool = True,
 ) -> FitResult:
     """Train one map per (group, perturbation) and return the run (see the CLI's `train`).
 
     `config` is a YAML file (sections data, solver, train, cluster) and `overrides` are `--set`
     style `section.key=value` strings; keyword arguments left at None take the file's value or the
     default (RunConfig.resolve). condition_key and control are required unless the file gives them.
+    resume: `out` may hold a stopped run of the same settings, which is finished (resume_run).
+    storage: a path every Ray node sees for what workers write (default `out`; see engine.rundir).
+    Progress: a live bar on stderr (engine.progress.ProgressBar, as the CLI's), or each
+    RunProgress to `on_progress` instead; progress=False shows nothing.
     """
     adata = data if isinstance(data, ad.AnnData) else None
     resolved = RunConfig.resolve(
@@ -314,4 +392,10 @@ def fit(
         select_on=select_on, steps=steps, seed=seed, device=device, solver_params=solver_params,
         train_params=train, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
     )
-    return run(resolved, out if out is not None else default_run_dir(), store, adata, on_progress)
+    bar = ProgressBar(f"training {resolved.solver}") if progress and on_progress is None else None
+    try:
+        return run(resolved, out if out is not None else default_run_dir(), store, adata, on_progress or bar, resume,
+                   storage)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,4 +1,4 @@
-"""`perturbot`: train, demo, predict, evaluate, runs, metrics, bench.
+"""`perturbot`: train, demo, predict, evaluate, runs, metrics, submit, jobs, bench.
 
 Errors are one line on stderr: exit code 2 for bad input (data, options), 1 for a failed run.
 """
@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 
+from engine.cluster.jobs import DEFAULT_ADDRESS
 from engine.data import DataError
 from engine.data.spec import PREPROCESSING, SELECT_ON
 from engine.rundir import RunDir, default_run_dir
@@ -20,32 +21,15 @@ from engine.solvers import SOLVERS
 DEMO_STEPS = 1000  # the demo's default budget (a few minutes on a laptop CPU); --steps overrides
 
 
-class Progress:
-    """One self-overwriting status line on stderr for long training runs."""
-
-    def __init__(self, label: str) -> None:
-        self.label, self.started, self.last = label, time.perf_counter(), 0.0
-
-    def __call__(self, done: int, total: int, stacks_done: int, stacks: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < (1.0 if sys.stderr.isatty() else 15.0) and done < total:
-            return
-        self.last = now
-        elapsed = now - self.started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = f", eta {int((total - done) / rate)}s" if 0 < done < total and rate > 0 else ""
-        percent = 100 * done / total if total else 100.0
-        end = "\r" if sys.stderr.isatty() else "\n"
-        print(f"{self.label}: {done}/{total} steps ({percent:.0f}%), {stacks_done}/{stacks} stacks done, "
-              f"{elapsed:.0f}s{eta}   ", end=end, file=sys.stderr, flush=True)
-
-
-def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
-    if data_required:
-        p.add_argument("--data", required=True, help="input .h5ad (dense or sparse X, or --obsm-key)")
-        p.add_argument("--condition-key", required=True, help="obs column holding the condition labels")
-        p.add_argument("--control", required=True, help="control label in that column")
+def _train_args(p: argparse.ArgumentParser, data_args: bool = True) -> None:
+    if data_args:
+        p.add_argument("--data", help="input .h5ad (dense or sparse X, or --obsm-key); required unless --resume")
+        p.add_argument("--condition-key", help="obs column holding the condition labels; required unless --resume")
+        p.add_argument("--control", help="control label in that column; required unless --resume")
         p.add_argument("--perturbations", default="all", help="'all' or a comma-separated list of labels")
+        p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                       help="finish a stopped run: its unfinished maps from their last checkpoints (`--resume "
+                            "RUN_DIR` alone, or the run's own train command with --resume)")
     p.add_argument("--solver", choices=sorted(SOLVERS),
                    help="default: the config file's solver.name, else cellot. " + "; ".join(
                        f"{name} = {cls.summary()}" for name, cls in sorted(SOLVERS.items())))
@@ -54,6 +38,8 @@ def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
                    help="override a config value, e.g. train.batch_size=128 or solver.init=uniform")
     p.add_argument("--out", type=Path, help="run directory (default runs/<time>)")
     p.add_argument("--store", help="SQLAlchemy URL of the metrics store (default sqlite in the run dir)")
+    p.add_argument("--storage", help="where workers write cells, checkpoints, maps, predictions: a path every node "
+                                      "mounts (default: the run directory)")
     p.add_argument("--address", default=None, help="local (default, in-process Ray) | auto | ray://host:port")
     p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
@@ -76,7 +62,7 @@ def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
                         "lr 1e-4, 100k steps); --steps and --set still apply")
 
 
-def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str | None, control: str | None,
+def _resolve_config(args: argparse.Namespace, dataset: str | None, condition_key: str | None, control: str | None,
                     perturbations: str | None, split_by: str | None) -> Any:
     from engine.config import RunConfig
 
@@ -97,12 +83,21 @@ def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str |
     )
 
 
-def _run(config: Any, out: Path | None, store: str | None) -> int:
-    from engine.api import run
+def _run(config: Any, out: Path | None, store: str | None, resume: bool = False, storage: str | None = None) -> int:
+    from engine.api import resume_run, run
+    from engine.progress import ProgressBar
 
     run_dir = out or default_run_dir()
-    result = run(config, run_dir, store, on_progress=Progress(f"training {config.solver}"))
-    print(file=sys.stderr)
+    bar = ProgressBar(f"training {config.solver if config else 'resumed run'}")
+    try:
+        result = (run(config, run_dir, store, on_progress=bar, resume=resume, storage=storage) if config
+                  else resume_run(run_dir, None, store, bar))
+    except KeyboardInterrupt:
+        done = f"{bar.last.maps_done}/{bar.last.maps} maps done; " if bar.last else ""
+        bar.close(f"perturbot: interrupted ({done}finish with `perturbot train --resume {run_dir}`)")
+        return 130
+    finally:
+        bar.close()
     maps = result.maps()
     print(f"run {result.run_id}: {len(maps)} maps, "
           + ", ".join(f"{n} {s}" for s, n in maps["status"].value_counts().items()) + f" -> {run_dir}")
@@ -113,8 +108,22 @@ def _run(config: Any, out: Path | None, store: str | None) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = _resolve_config(args, str(args.data), args.condition_key, args.control, args.perturbations, args.split_by)
-    return _run(config, args.out, args.store)
+    resume_dir = Path(args.resume) if isinstance(args.resume, str) else None
+    if resume_dir is not None and args.out is not None and resume_dir.resolve() != args.out.resolve():
+        raise DataError(f"--resume {resume_dir} and --out {args.out} name different run directories")
+    missing = [flag for flag, value in (("--data", args.data), ("--condition-key", args.condition_key),
+                                        ("--control", args.control)) if value is None]
+    if resume_dir is not None and len(missing) == 3:  # `train --resume RUN_DIR`: the run's own settings
+        if args.set or args.config or args.steps is not None:
+            raise DataError("--resume RUN_DIR alone finishes the run with its own settings; drop --set/--config/--steps")
+        return _run(None, resume_dir, args.store, resume=True)
+    if missing and args.config is None:
+        raise DataError(f"train needs {', '.join(missing)} (or --config FILE, or --resume RUN_DIR to finish a stopped run)")
+    if args.resume is True and args.out is None:
+        raise DataError("--resume without a run directory needs --out RUN_DIR (the run to finish)")
+    dataset = str(args.data) if args.data is not None else None
+    config = _resolve_config(args, dataset, args.condition_key, args.control, args.perturbations, args.split_by)
+    return _run(config, resume_dir or args.out, args.store, resume=args.resume is not None, storage=args.storage)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -130,7 +139,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.workers is None:
         args.workers = min(2, os.cpu_count() or 1)
     config = _resolve_config(args, str(dataset), "condition", "control", "all", args.split_by or "group")
-    return _run(config, out, args.store)
+    return _run(config, out, args.store, storage=args.storage)
 
 
 def _open_run(run: str, store: str | None) -> Any:
@@ -173,20 +182,30 @@ def cmd_runs(args: argparse.Namespace) -> int:
     urls = [args.store] if args.store else [d.default_store for d in runs_found if d.has_default_store()]
     frames = []
     for url in urls:
-        store = Store(url)
-        frames.append(store.runs())
-        store.close()
+        with Store(url) as store:
+            runs, statuses = store.runs(), store.map_statuses()
+        runs["maps"] = [_map_progress(statuses[statuses["run_id"] == run_id]) for run_id in runs["run_id"]]
+        frames.append(runs)
     if not frames or all(f.empty for f in frames):
         print("no runs found" + ("" if args.store else f" under {args.root}/ (use --store URL)"))
         return 0
-    runs = pd.concat(frames)[["run_id", "kind", "solver", "dataset", "status", "created_at", "finished_at"]]
+    runs = pd.concat(frames)[["run_id", "kind", "solver", "dataset", "status", "maps", "created_at", "finished_at"]]
     print(runs.to_string(index=False))
     return 0
 
 
-def _print_frame(frame: Any, fmt: str) -> None:
+def _map_progress(statuses: Any) -> str:
+    """`5/8 done (3 trained, 1 diverged, 1 failed, 2 running, 1 pending)` from one run's status counts."""
+    from engine.train.worker import FINAL_STATUSES
+
+    counts = dict(zip(statuses["status"], statuses["maps"]))
+    done = sum(n for status, n in counts.items() if status in FINAL_STATUSES)
+    return f"{done}/{sum(counts.values())} done (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")"
+
+
+def _print_frame(frame: Any, fmt: str, empty: str = "no metrics yet") -> None:
     if frame.empty:
-        print("no metrics yet")
+        print(empty)
         return
     if fmt == "csv":
         print(frame.to_csv(index=False), end="")
@@ -209,6 +228,47 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = render_report(args.run, args.out, store=args.store, detail=args.detail, features=features,
                          n_clusters=args.clusters, cluster_key=args.cluster_key)
     print(f"report -> {path} (plots in {Path(args.run) / 'plots'})")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from engine.cluster import jobs
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    client = jobs.connect(args.address)
+    job = jobs.submit(client, command, install=args.install)
+    print(f"job {job}", flush=True)
+    if args.no_wait:
+        print(f"follow it with `perturbot jobs logs {job} --follow`", file=sys.stderr)
+        return 0
+    status = jobs.follow(client, job)
+    print(f"job {job}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from engine.cluster import jobs
+
+    client = jobs.connect(args.address)
+    if args.action == "list":
+        rows = [{"job": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint[:80],
+                 "started": pd.to_datetime(j.start_time, unit="ms") if j.start_time else None}
+                for j in client.list_jobs()]
+        _print_frame(pd.DataFrame(rows), "table", empty="no jobs")
+        return 0
+    if args.job is None:
+        raise DataError(f"jobs {args.action} needs a job id (see `perturbot jobs list`)")
+    if args.action == "status":
+        info = client.get_job_info(args.job)
+        print(f"{args.job}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    elif args.action == "logs":
+        if args.follow:
+            return 0 if jobs.follow(client, args.job) == "SUCCEEDED" else 1
+        print(client.get_job_logs(args.job), end="")
+    else:
+        print(f"{args.job}: " + ("stopping" if client.stop_job(args.job) else "already finished"))
     return 0
 
 
@@ -237,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help=f"train on a shipped synthetic dataset (2 groups x 4 perturbations; "
                                     f"{DEMO_STEPS} steps and 2 workers unless set)")
-    _train_args(p, data_required=False)
+    _train_args(p, data_args=False)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("predict", help="predict perturbed cells from control cells with a trained run")
     p.add_argument("--run", required=True, help="run directory")
@@ -277,6 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", type=int, default=6, help="k-means clusters of control cells for the cost map")
     p.add_argument("--cluster-key", help="obs key of the run's dataset to use as clusters instead of k-means")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("submit", help="run train/demo/evaluate as a job on a Ray cluster (Jobs API), follow its logs")
+    p.add_argument("--address", help=f"the cluster's dashboard URL (default: RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--install", action="store_true",
+                   help="pip-install perturbot's dependencies into the job's runtime env (clusters without them)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- train|demo|evaluate ARGS (give --out on shared storage)")
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("jobs", help="jobs on a Ray cluster: list, status JOB, logs JOB [--follow], stop JOB")
+    p.add_argument("action", choices=("list", "status", "logs", "stop"))
+    p.add_argument("job", nargs="?", help="job (submission) id")
+    p.add_argument("--address", help=f"the cluster's dashboard URL (default: RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    p.add_argument("--follow", action="store_true", help="logs: stream them until the job ends")
+    p.set_defaults(func=cmd_jobs)
     p = sub.add_parser("bench", add_help=False,
                        help="benchmarks (JSON out): stacked vs one-at-a-time (`bench --help`), 1 vs 2 Ray workers "
                             "(`bench workers`), data preparation (`bench data_prep`), W2 solvers against known maps "
@@ -286,20 +359,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv[:1] == ["bench"]:
         return cmd_bench(argparse.Namespace(), [a for a in argv[1:] if a != "--"])
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops a run as Ctrl-C does (its maps: interrupted)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at exit
+        return code
     except DataError as error:
         print(f"perturbot: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("perturbot: interrupted", file=sys.stderr)
-        return 1
+        return 130
+    except BrokenPipeError:  # `perturbot metrics | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as error:  # a failed run: one line, the details are in the run directory / logs
         print(f"perturbot: run failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

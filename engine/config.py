@@ -49,6 +49,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.solver_config()  # fail early on an unknown solver or bad options
+        if self.train.steps < 1:
+            raise DataError(f"train.steps must be >= 1 (an untrained map is not a result), got {self.train.steps}")
         if parse_device(self.train.device)[0] == "cpu" and self.cluster.gpus_per_worker > 0:
             raise DataError(f"device cpu contradicts gpus_per_worker={self.cluster.gpus_per_worker}")
 

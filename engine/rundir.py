@@ -1,12 +1,16 @@
 """The layout of a run directory, in one place (DESIGN.md "Run directory").
 
     config.yaml              the fully resolved RunConfig
-    run.json                 {"run_id", "store"}
+    run.json                 {"run_id", "store", "storage"}
+    predictions.h5ad         every map's held-out controls, predicted (one row per cell and map)
+    metrics.sqlite           the default store
+
+and, in the run's storage location (the run directory itself unless `--storage` names another
+place: on a cluster, a path every node mounts), everything the workers read and write:
+
     data/                    the prepared Arrow cell tables, embedding and markers
     checkpoints/             stack-*.train.pt (resume), stack-*.maps.pt (the best maps, final)
     predictions/             stack-*.npz (held-out controls of each map, predicted)
-    predictions.h5ad         all of them, one row per predicted cell and map
-    metrics.sqlite           the default store
     ray/                     Ray Train's storage_path
 """
 from __future__ import annotations
@@ -15,17 +19,33 @@ import json
 import time
 from pathlib import Path
 
+from engine.options import DataError
+
 
 def default_run_dir(prefix: str = "") -> Path:
     """runs/<prefix><date-time> under the working directory."""
     return Path("runs") / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-class RunDir:
-    """Paths of one run directory; nothing else in the engine spells them out."""
+def storage_path(uri: str | Path) -> Path:
+    """A storage location as a local (or mounted, e.g. NFS) absolute path; object stores are refused."""
+    text = str(uri)
+    if "://" in text and not text.startswith("file://"):
+        raise DataError(f"--storage {text}: only paths are supported (local, or mounted on every node such as NFS); "
+                        "s3:// and gs:// are not yet")
+    return Path(text.removeprefix("file://")).resolve()
 
-    def __init__(self, root: str | Path) -> None:
+
+class RunDir:
+    """Paths of one run directory and its storage location; nothing else in the engine spells them out.
+
+    `storage` defaults to the one recorded in run.json, else the run directory itself."""
+
+    def __init__(self, root: str | Path, storage: str | Path | None = None) -> None:
         self.root = Path(root)
+        if storage is None and self.info.exists():
+            storage = self.read_info().get("storage")
+        self.storage = storage_path(storage) if storage is not None else self.root.resolve()
 
     @property
     def config(self) -> Path:
@@ -37,7 +57,7 @@ class RunDir:
 
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        return self.storage / "data"
 
     @property
     def predictions(self) -> Path:
@@ -45,7 +65,7 @@ class RunDir:
 
     @property
     def ray_storage(self) -> Path:
-        return (self.root / "ray").resolve()
+        return self.storage / "ray"
 
     @property
     def default_store(self) -> str:
@@ -58,24 +78,25 @@ class RunDir:
         return self.info.exists()
 
     def train_checkpoint(self, stack: str) -> Path:
-        return self.root / "checkpoints" / f"{stack}.train.pt"
+        return self.storage / "checkpoints" / f"{stack}.train.pt"
 
     def maps_file(self, stack: str) -> Path:
-        return self.root / "checkpoints" / f"{stack}.maps.pt"
+        return self.storage / "checkpoints" / f"{stack}.maps.pt"
 
     def saved_maps(self) -> list[Path]:
         """Every finished stack's maps file, in a stable order."""
-        return sorted((self.root / "checkpoints").glob("*.maps.pt"))
+        return sorted((self.storage / "checkpoints").glob("*.maps.pt"))
 
     def stack_predictions(self, stack: str) -> Path:
-        return self.root / "predictions" / f"{stack}.npz"
+        return self.storage / "predictions" / f"{stack}.npz"
 
     def all_stack_predictions(self) -> list[Path]:
-        return sorted((self.root / "predictions").glob("*.npz"))
+        return sorted((self.storage / "predictions").glob("*.npz"))
 
     def write_info(self, run_id: str, store_url: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.info.write_text(json.dumps({"run_id": run_id, "store": store_url}))
+        own = self.storage == self.root.resolve()  # the default: not recorded, so a copied run reads its own files
+        self.info.write_text(json.dumps({"run_id": run_id, "store": store_url, "storage": None if own else str(self.storage)}))
 
     def read_info(self) -> dict[str, str]:
         return json.loads(self.info.read_text())

@@ -63,6 +63,13 @@ def _tiny(a):
         ("absent GPU", lambda tmp, h: h, ["--device", "cuda"] if not _has_cuda() else ["--device", "cuda:99"], "cuda"),
         ("cpu with GPUs", lambda tmp, h: h, ["--device", "cpu", "--gpus-per-worker", "1"], "cpu"),
         ("bad select-on value", lambda tmp, h: h, ["--set", "data.select_on=train"], "select_on"),
+        ("zero steps", lambda tmp, h: h, ["--steps", "0"], "steps must be >= 1"),
+        ("negative steps", lambda tmp, h: h, ["--steps", "-5"], "steps"),
+        ("zero workers", lambda tmp, h: h, ["--workers", "0"], "workers must be >= 1"),
+        ("negative workers", lambda tmp, h: h, ["--workers", "-1"], "workers must be >= 1"),
+        ("more workers than a fixed Ray has CPUs", lambda tmp, h: h, ["--workers", "64", "--split-by", "group"],
+         "has 2 CPU(s)"),
+        ("object-store storage", lambda tmp, h: h, ["--storage", "s3://bucket/runs"], "s3://"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, make, args, needle, h5ad, tmp_path, capsys, ray_session):
@@ -76,6 +83,26 @@ def test_bad_input_is_one_line_and_exit_2(case, make, args, needle, h5ad, tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("perturbot: error:"), err
     assert needle.lower() in err.lower(), err
+    assert not (tmp_path / "run").exists(), "a refused run leaves no run directory"
+
+
+def test_an_interrupt_is_one_line_after_the_progress_bar(monkeypatch, h5ad, tmp_path, capsys):
+    """Ctrl-C: the bar ends, then one line saying how far it got and how to finish (no traceback)."""
+    import engine.api
+    from engine.progress import RunProgress
+
+    def interrupted(config, run_dir, store, on_progress, resume, storage):
+        on_progress(RunProgress(1, 4, 120, 800))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.api, "run", interrupted)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(h5ad), "--condition-key", "condition", "--control", "control", "--out", str(out)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith("training cellot: maps 1/4 | 120/800 map-steps")
+    assert err[1] == f"perturbot: interrupted (1/4 maps done; finish with `perturbot train --resume {out}`)"
 
 
 def test_demo_metrics_and_predict(demo_run, tmp_path, capsys):
@@ -99,7 +126,8 @@ def test_demo_metrics_and_predict(demo_run, tmp_path, capsys):
     np.testing.assert_allclose(evaluated.loc[final.index].to_numpy(), final.to_numpy(), rtol=1e-5, atol=1e-7)
     capsys.readouterr()
     assert main(["runs", "--root", str(out.parent)]) == 0
-    assert "finished" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "finished" in listed and "8/8 done (8 trained)" in listed  # per-run map statuses from the store
     full = ad.read_h5ad(out / "synthetic.h5ad")
     controls = full[full.obs["condition"] == "control"]
     g0 = controls[controls.obs["group"] == "g0"][:10]

@@ -1,7 +1,15 @@
-"""End to end on local Ray: synthetic h5ad -> stacked CellOT on 2 workers -> store, predictions, API."""
+"""End to end on local Ray: synthetic h5ad -> stacked CellOT on 2 workers -> store, predictions, API.
+
+The run is stopped by a KeyboardInterrupt (Ctrl-C) once training has started, then resumed: every
+test below checks the resumed run, which must equal a run that never stopped.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,38 +25,113 @@ def trained(ray_session, tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "synthetic.h5ad"
     adata.write_h5ad(path)
     out = tmp_path_factory.mktemp("runs") / "run"
+    storage = tmp_path_factory.mktemp("storage")  # what workers write goes here, not into the run directory
+    options = dict(condition_key="condition", control="control", split_by="group", steps=STEPS,
+                   train={"eval_every": STEPS // 2, "stack_size": 1}, workers=2, out=out)
     seen = []
-    result = fit(path, condition_key="condition", control="control", split_by="group", steps=60,
-                 train={"eval_every": 30, "stack_size": 1}, workers=2, out=out,
-                 on_progress=lambda *p: seen.append(p))
-    return result, adata, seen
+
+    def ctrl_c(progress):
+        seen.append(progress)
+        if progress.map_steps > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(path, on_progress=ctrl_c, storage=storage, **options)
+    with Store(out / "metrics.sqlite") as store:
+        stopped = {"runs": store.runs(), "maps": store.maps(store.runs()["run_id"].item())}
+    stopped["checkpoints"] = sorted(p.name for p in (storage / "checkpoints").glob("*.train.pt"))
+    bar = io.StringIO()
+    with contextlib.redirect_stderr(bar):  # engine.fit's own progress bar
+        result = fit(path, resume=True, **options)
+    return result, adata, seen, stopped, bar.getvalue()
+
+
+def test_workers_write_only_into_the_storage_location(trained):
+    """--storage: cells, checkpoints, maps and per-stack predictions are in the storage location; the
+    run directory holds what the driver writes (config, run.json, predictions.h5ad, the store)."""
+    result = trained[0]
+    assert {p.name for p in result.run_dir.iterdir()} <= {"config.yaml", "run.json", "predictions.h5ad",
+                                                         "metrics.sqlite", "metrics.sqlite-wal", "metrics.sqlite-shm"}
+    storage = result.dir.storage
+    assert storage != result.run_dir.resolve()
+    assert {p.name for p in storage.iterdir()} == {"data", "checkpoints", "predictions", "ray"}
+    assert len(list((storage / "checkpoints").glob("*.maps.pt"))) == 4 and len(result.dir.saved_maps()) == 4
+
+
+STEPS = 100
+
+
+def test_a_stopped_run_marks_its_maps_interrupted(trained):
+    """Ctrl-C: the run and every unfinished map are `interrupted` (never left running), the running
+    stacks checkpointed where they stopped."""
+    _, _, seen, stopped, _ = trained
+    assert stopped["runs"]["status"].item() == "interrupted"
+    assert set(stopped["maps"]["status"]) <= {"interrupted", "trained"}
+    assert "interrupted" in set(stopped["maps"]["status"])
+    assert stopped["checkpoints"]  # the stacks that were training saved their step
+    assert seen[-1].map_steps_total == 4 * STEPS and seen[-1].maps == 4  # counted in map-steps
+
+
+def test_resume_finishes_from_the_checkpoints_not_from_step_0(trained):
+    result, _, _, stopped, bar = trained
+    resumed = result.metrics(metric="resumed_from")
+    assert len(resumed) >= len(stopped["checkpoints"]) > 0
+    assert (resumed["value"] > 0).all() and (resumed["value"] < STEPS).all()
+    final = result.metrics()
+    final = final[final["split"].str.startswith("test")]
+    per_map = final.groupby(["perturbation", "split", "metric"]).size()
+    assert (per_map == 1).all()  # one final row set per map, no duplicate
+    assert final.groupby("perturbation").size().nunique() == 1 and final["perturbation"].nunique() == 4
+    assert "training cellot: maps" in bar and "4/4" in bar.splitlines()[-1]
 
 
 def test_every_map_is_trained_and_stored(trained):
-    result, _, seen = trained
+    result, _, _, _, _ = trained
     maps = result.maps()
     assert sorted(maps["perturbation"]) == ["g0/pert0", "g0/pert1", "g1/pert0", "g1/pert1"]
     assert (maps["status"] == "trained").all()
-    assert (maps["steps"] == 60).all()
-    assert seen and seen[-1][3] == 4  # progress reported over 4 stacks (stack_size 1)
+    assert (maps["steps"] == STEPS).all()
     store = Store(result.store_url)
     runs = store.runs()
     store.close()
     assert runs.loc[runs["run_id"] == result.run_id, "status"].item() == "finished"
 
 
+def test_a_finished_run_is_not_run_again_and_resume_keeps_its_settings(trained, capsys):
+    from engine.cli import main
+
+    result, _, _, _, _ = trained
+    args = ["train", "--data", result.config.dataset, "--condition-key", "condition", "--control", "control",
+            "--split-by", "group", "--out", str(result.run_dir)]
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--steps", "7", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "train.steps" in err and err.count("\n") == 1
+
+
+def test_metrics_into_a_closed_pipe_is_quiet(trained):
+    """`perturbot metrics | head`: the reader goes away; no BrokenPipeError, no traceback."""
+    result, _, _, _, _ = trained
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "metrics", "--run", str(result.run_dir), "--raw"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before it writes: every write meets a closed pipe
+    err = process.stderr.read().decode()
+    assert process.wait(60) == 141 and err == "", err
+
+
 def test_final_metrics_have_model_and_baselines(trained):
-    result, _, _ = trained
+    result, _, _, _, _ = trained
     final = result.metrics(metric="mmd")
     table = final[final["split"].str.startswith("test")].pivot_table(index="perturbation", columns="split", values="value")
     assert set(table.columns) == {"test", "test_identity", "test_observed", "test_mean_shift", "test_gaussian"}
     assert len(table) == 4 and np.isfinite(table.to_numpy()).all()
     valid = result.metrics(split="valid", metric="mmd")
-    assert sorted(valid["step"].unique()) == [0, 30, 60]
+    assert sorted(valid["step"].unique()) == [0, STEPS // 2, STEPS]
 
 
 def test_summary_and_the_selection_protocol_in_the_store(trained):
-    result, _, _ = trained
+    result, _, _, _, _ = trained
     summary = result.summary()
     assert list(summary.columns) == ["perturbation", "metric", "model", "identity", "observed", "mean_shift", "gaussian"]
     assert set(summary["perturbation"]) == {"g0/pert0", "g0/pert1", "g1/pert0", "g1/pert1"}
@@ -64,7 +147,7 @@ def test_summary_and_the_selection_protocol_in_the_store(trained):
 def test_predictions_file_and_predict(trained):
     import anndata as ad
 
-    result, adata, _ = trained
+    result, adata, _, _, _ = trained
     predictions = ad.read_h5ad(result.run_dir / "predictions.h5ad")
     assert {"source_cell", "perturbation", "group"} <= set(predictions.obs.columns)
     assert list(predictions.var_names) == list(adata.var_names)

@@ -4,7 +4,8 @@ ShardStore owns the prepared cell tables (Arrow, features as one fixed_size_list
 and puts each one in the object store once; workers read them zero-copy by reference. It reloads
 from the run's data directory when Ray restarts it.
 MetricsSink is the store's single writer: workers send metric and map rows (idempotent upserts,
-so a retried worker never duplicates a row) and progress, which the driver polls.
+so a retried worker never duplicates a row) and progress (steps per stack, map statuses), which
+the driver polls.
 """
 from __future__ import annotations
 
@@ -34,23 +35,32 @@ class ShardStore:
 class MetricsSink:
     def __init__(self, store_url: str) -> None:
         self._store = Store(store_url)
-        self._progress: dict[str, tuple[int, int]] = {}
+        self._steps: dict[str, int] = {}
+        self._statuses: dict[str, str] = {}
+        self._stopping = False
 
     def metrics(self, rows: list[dict]) -> None:
         self._store.upsert_metrics(rows)
 
     def maps(self, rows: list[dict]) -> None:
         self._store.upsert_maps(rows)
+        self._statuses.update({row["perturbation"]: row["status"] for row in rows if "status" in row})
 
-    def progress(self, stack: str, done: int, total: int) -> None:
-        self._progress[stack] = (done, total)
+    def progress(self, stack: str, done: int) -> bool:
+        """Record a stack's steps; True once the driver stops the run."""
+        self._steps[stack] = done
+        return self._stopping
 
-    def snapshot(self) -> dict[str, tuple[int, int]]:
-        return dict(self._progress)
+    def stop(self) -> None:
+        self._stopping = True
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, str]]:
+        """Steps done per stack and the latest status of each map, since this sink started."""
+        return dict(self._steps), dict(self._statuses)
 
 
 class SinkReporter:
-    """engine.train.worker.Reporter over a MetricsSink handle (rows are confirmed, progress is not)."""
+    """engine.train.worker.Reporter over a MetricsSink handle (every call waits for the sink)."""
 
     def __init__(self, sink: ray.actor.ActorHandle) -> None:
         self._sink = sink
@@ -61,5 +71,5 @@ class SinkReporter:
     def maps(self, rows: list[dict]) -> None:
         ray.get(self._sink.maps.remote(rows))
 
-    def progress(self, stack: str, done: int, total: int) -> None:
-        self._sink.progress.remote(stack, done, total)
+    def progress(self, stack: str, done: int) -> bool:
+        return ray.get(self._sink.progress.remote(stack, done))

@@ -44,7 +44,10 @@ def connect_for(config: RunConfig, n_maps: int) -> ClusterConfig:
     N of this machine alone. auto: when the cluster has GPUs, a GPU per worker or an equal share of
 them (DESIGN: fractional GPUs for small stacks), else CPU. A GPU
     request the cluster cannot meet (workers x gpus_per_worker) is a DataError (exit code 2) before
-    any work starts. The run's config.yaml keeps what the user asked for.
+    any work starts. The run's config.yaml keeps what the user asked for. Every worker takes one CPU:
+    more workers than the CPUs of a local Ray (fixed: the ones of this machine, or `num_cpus`) is
+    also a DataError; a joined cluster may be autoscaling, so there the run waits for them (the
+    progress line says what it waits for).
     """
     cluster = config.cluster
     kind, index = parse_device(config.train.device)
@@ -54,8 +57,13 @@ them (DESIGN: fractional GPUs for small stacks), else CPU. A GPU
                             "--device cuda (Ray places the workers)")
         _pin_local_gpu(config.train.device, index)
     connect(cluster.address)
-    available = ray.cluster_resources().get("GPU", 0.0)
+    resources = ray.cluster_resources()
+    available = resources.get("GPU", 0.0)
     workers = 1 if config.solver_cls.shared else max(1, min(cluster.workers, n_maps))
+    cpus = resources.get("CPU", 0.0)
+    if cluster.address == "local" and workers > cpus:
+        raise DataError(f"{workers} workers need {workers} CPUs, but this local Ray has {cpus:g} CPU(s) and cannot "
+                        f"grow; use --workers {max(1, int(cpus))} or join a larger cluster with --address")
     gpus = cluster.gpus_per_worker
     if kind == "cuda" and gpus == 0:
         gpus = 1.0

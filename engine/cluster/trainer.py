@@ -5,9 +5,8 @@ workers: different maps share nothing.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
-from typing import Callable
-
 import ray
 import torch
 from ray.train import FailureConfig, ScalingConfig
@@ -17,9 +16,11 @@ from ray.train.torch import TorchTrainer
 from engine.cluster.actors import MetricsSink, ShardStore, SinkReporter
 from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
+from engine.progress import ProgressFn, RunProgress
 from engine.rundir import RunDir
 from engine.train.stack import stack_id, stacks_of
-from engine.train.worker import MapRun, train_maps
+from engine.train.loop import StopRequested
+from engine.train.worker import FINAL_STATUSES, MapRun, train_maps
 
 
 def balance(maps: list[MapKey], weights: list[int], workers: int) -> list[list[MapKey]]:
@@ -39,6 +40,9 @@ def train_worker(loop_config: dict) -> None:
     keys = [MapKey(*k) for k in loop_config["assignments"][rank]]
     if not keys:
         return
+    node = ray.get_runtime_context().get_node_id()
+    print(f"worker {rank} on node {node} ({socket.gethostname()}) trains {len(keys)} maps: "
+          + ", ".join(k.name for k in keys), flush=True)  # the worker log says who trains what
     config = RunConfig.from_dict(loop_config["config"])
     shards = ray.get_actor(loop_config["shards"])
     layout: PreparedData = ray.get(shards.layout.remote())
@@ -58,7 +62,14 @@ def train_worker(loop_config: dict) -> None:
         torch.set_num_threads(1)
         device = torch.device("cpu")
     reporter = SinkReporter(ray.get_actor(loop_config["sink"]))
-    train_maps(MapRun(prepared, config, RunDir(loop_config["run_dir"]), reporter, device, loop_config["run_id"]), keys)
+    try:
+        run_dir = RunDir(loop_config["run_dir"], storage=loop_config["storage"])  # a worker touches the storage only
+        train_maps(MapRun(prepared, config, run_dir, reporter, device, loop_config["run_id"]), keys)
+    except StopRequested:  # the driver stops the run: the running stack has checkpointed
+        return
+
+
+STOP_WAIT_S = 60.0  # how long a stopped run waits for its workers to checkpoint
 
 
 def run_training(
@@ -67,20 +78,23 @@ def run_training(
     run_dir: RunDir,
     run_id: str,
     store_url: str,
-    on_progress: Callable[[int, int, int, int], None] | None = None,
+    on_progress: ProgressFn | None = None,
 ) -> None:
     """Start the shard store and metrics sink, run ONE TorchTrainer fit, report progress while it runs.
 
-    on_progress(done_steps, total_steps, done_stacks, n_stacks) is called about twice a second.
-    config.cluster is the placed one (engine.cluster.runtime.connect_for): a shared solver (one
-    model over all contexts) has one worker and one stack; its data-parallel training arrives with
-    CondOT.
+    Stacks whose maps file exists are done (a resumed run skips them); the others resume from
+    their checkpoints. On KeyboardInterrupt the workers checkpoint where they are and stop. on_progress(RunProgress) is called about twice a second. config.cluster is
+    the placed one (engine.cluster.runtime.connect_for): a shared solver (one model over all
+    contexts) has one worker and one stack; its data-parallel training arrives with CondOT.
     """
     cls = config.solver_cls
     workers = config.cluster.workers  # placed: at most one per map, one for a shared solver
     assignments = balance(prepared.maps, [prepared.n_cells(k) for k in prepared.maps], workers)
-    stacks = [stack_id(chunk) for keys in assignments for chunk in stacks_of(keys, config.train.stack_size, cls.shared)]
+    stacks = {stack_id(chunk): chunk for keys in assignments for chunk in stacks_of(keys, config.train.stack_size, cls.shared)}
+    finished = {stack for stack in stacks if run_dir.maps_file(stack).exists()}
     steps_per_stack = cls.plan(config.solver_config(), config.train.steps).total
+    if len(finished) == len(stacks):  # a resumed run that had finished training
+        return
     shards = ShardStore.options(name=f"perturbot-shards-{run_id}").remote(str(run_dir.data))
     sink = MetricsSink.options(name=f"perturbot-sink-{run_id}").remote(store_url)
     ray.get(shards.layout.remote())  # surface data-loading errors before the fit
@@ -94,6 +108,7 @@ def run_training(
             "shards": f"perturbot-shards-{run_id}",
             "sink": f"perturbot-sink-{run_id}",
             "run_dir": str(run_dir.root.resolve()),
+            "storage": str(run_dir.storage),
             "run_id": run_id,
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -111,16 +126,31 @@ def run_training(
         except BaseException as error:  # re-raised on the driver thread below
             outcome["error"] = error
 
+    def progress() -> RunProgress:
+        steps, statuses = ray.get(sink.snapshot.remote())
+        done_maps = {k.name for stack in finished for k in stacks[stack]}
+        done_maps |= {name for name, status in statuses.items() if status in FINAL_STATUSES}
+        return RunProgress(
+            maps_done=len(done_maps),
+            maps=len(prepared.maps),
+            map_steps=sum(len(chunk) * (steps_per_stack if stack in finished else steps.get(stack, 0))
+                          for stack, chunk in stacks.items()),
+            map_steps_total=steps_per_stack * len(prepared.maps),
+            waiting="" if steps else f"starting {workers} worker(s)",
+        )
+
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
     try:
         while thread.is_alive():
             thread.join(0.5)
             if on_progress is not None:
-                snapshot = ray.get(sink.snapshot.remote())
-                done = sum(d for d, _ in snapshot.values())
-                finished = sum(1 for d, t in snapshot.values() if d >= t)
-                on_progress(done, steps_per_stack * len(stacks), finished, len(stacks))
+                on_progress(progress())
+    except KeyboardInterrupt:  # workers checkpoint the step they reached and return (one more Ctrl-C: don't wait)
+        sink.stop.remote()
+        if ray.get(sink.snapshot.remote())[0]:  # workers are training (else there is nothing to wait for)
+            thread.join(STOP_WAIT_S)
+        raise
     finally:
         ray.get(sink.snapshot.remote())  # every queued row is written before the sink goes
         for actor in (shards, sink):

@@ -176,6 +176,10 @@ class Store:
         }
         self._upsert(RUNS, [row], keep=("created_at",))
 
+    def restart_run(self, run_id: str) -> None:
+        """Mark a stopped run "running" again (it is being resumed); created_at is kept."""
+        self._upsert(RUNS, [{"run_id": run_id, "status": "running", "finished_at": None}])
+
     def finish_run(self, run_id: str, status: str) -> None:
         """Set a run's final status and finished_at (UTC ISO time)."""
         self._upsert(RUNS, [{"run_id": run_id, "status": status, "finished_at": _now()}])
@@ -214,6 +218,11 @@ class Store:
     def maps(self, run_id: str) -> pd.DataFrame:
         """The maps of one run, by perturbation name."""
         return self._frame(sa.select(MAPS).where(MAPS.c.run_id == run_id).order_by(MAPS.c.perturbation))
+
+    def map_statuses(self) -> pd.DataFrame:
+        """How many maps of each run are in each status (columns run_id, status, maps)."""
+        query = sa.select(MAPS.c.run_id, MAPS.c.status, sa.func.count().label("maps")).group_by(MAPS.c.run_id, MAPS.c.status)
+        return self._frame(query)
 
     def trials(self, run_id: str) -> pd.DataFrame:
         """The tune trials of one run, by trial id."""

@@ -7,7 +7,7 @@ its best state (CellOT keeps its best-MMD checkpoint). A unit whose losses turn 
 to its best state, frozen and marked diverged (one that diverges before any selectable state keeps
 its initial state); the others go on. The whole stack (weights,
 optimizer and scheduler state, best states, step, draw counter, history) checkpoints and resumes
-exactly, also in the middle of a phase.
+exactly, also in the middle of a phase; a stop requested through on_progress checkpoints first.
 """
 from __future__ import annotations
 
@@ -56,9 +56,15 @@ class StackOutcome:
     diverged: list[bool]
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int = 0  # the checkpoint's step when training resumed from one
 
 
 EvalCallback = Callable[[int, dict[str, torch.Tensor]], None]
+
+
+class StopRequested(BaseException):
+    """Raised by on_progress to stop training (a user stopped the run): the loop checkpoints the
+    step it reached, then lets it through, so the run resumes from exactly there."""
 
 
 class _Bookkeeping:
@@ -135,6 +141,8 @@ def train_stack(
     start = 0
     if checkpoint is not None and checkpoint.exists():
         start, history = _resume(checkpoint, plan, solver, data, book, window)
+        if on_progress is not None:
+            on_progress(start)
     any_diverged = bool(book.diverged.any())  # host copy: the per-step loop never waits on the device
 
     def evaluate(step: int, phase: str, logs: dict[str, torch.Tensor]) -> None:
@@ -175,7 +183,12 @@ def train_stack(
             if checkpoint is not None and (done % config.checkpoint_every == 0 or done == plan.total):
                 _save(checkpoint, plan, solver, data, book, done, history, window)
             if on_progress is not None:
-                on_progress(done)
+                try:
+                    on_progress(done)
+                except StopRequested:
+                    if checkpoint is not None:
+                        _save(checkpoint, plan, solver, data, book, done, history, window)
+                    raise
     if plan.selects:
         solver.restore_maps(book.best, torch.ones(solver.n_units, dtype=torch.bool, device=data.device))
     else:  # nothing selects (e.g. a baseline): the last state is the result
@@ -187,6 +200,7 @@ def train_stack(
         diverged=_per_map(solver, book.diverged).tolist(),
         seconds=time.perf_counter() - started,
         history=history,
+        resumed_from=start,
     )
 
 

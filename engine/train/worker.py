@@ -5,6 +5,7 @@ tests and benchmarks run directly, without Ray. For each stack: the cells go to 
 the solver trains (resuming from the stack's checkpoint if one exists), the best states are saved,
 and every map is evaluated on test cells beside the baselines. A stack whose maps file exists is
 skipped, so a restarted worker picks up where it stopped; a failed stack does not stop the others.
+When the reporter asks it to stop, the running stack checkpoints and StopRequested ends the job.
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
 from engine.rundir import RunDir
 from engine.train.evaluation import evaluate_maps, metric_rows
-from engine.train.loop import train_stack
+from engine.train.loop import StopRequested, train_stack
 from engine.train.saved_maps import save_maps
 from engine.train.stack import new_solver, stack_data, stack_id, stacks_of
 
 PROGRESS_EVERY = 50  # steps between progress reports
+FINAL_STATUSES = ("trained", "diverged", "failed")  # a map in one of these is done with (for this run)
 
 
 class Reporter(Protocol):
@@ -33,7 +35,8 @@ class Reporter(Protocol):
 
     def maps(self, rows: list[dict]) -> None: ...
 
-    def progress(self, stack: str, done: int, total: int) -> None: ...
+    def progress(self, stack: str, done: int) -> bool:
+        """Steps done in a stack; True asks the worker to stop (the run is being stopped)."""
 
 
 @dataclass
@@ -82,14 +85,21 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
             ]
         )
 
-    def on_progress(done: int) -> None:
-        if done % PROGRESS_EVERY == 0 or done == total:
-            reporter.progress(stack, done, total)
+    last_report = [-PROGRESS_EVERY]
+
+    def on_progress(done: int) -> None:  # first call: where a resumed stack starts
+        if done - last_report[0] >= PROGRESS_EVERY or done == total:
+            last_report[0] = done
+            if reporter.progress(stack, done):
+                raise StopRequested
 
     outcome = train_stack(solver, data, config.train, checkpoint=run.run_dir.train_checkpoint(stack),
                           on_eval=on_eval, on_progress=on_progress)
-    reporter.metrics([{"run_id": run.run_id, "perturbation": k.name, "split": "train", "metric": "train_seconds",
-                       "value": outcome.seconds, "step": outcome.steps} for k in keys])
+    logs = [("train_seconds", outcome.seconds, outcome.steps)]
+    if outcome.resumed_from > 0:  # a restarted worker or a resumed run: the step this stack picked up at
+        logs.append(("resumed_from", float(outcome.resumed_from), outcome.resumed_from))
+    reporter.metrics([{"run_id": run.run_id, "perturbation": k.name, "split": "train", "metric": name,
+                       "value": value, "step": step} for k in keys for name, value, step in logs])
     records: dict[str, np.ndarray] = {}
     evaluated = evaluate_maps(run.prepared, keys, solver, data, config.train.seed)
     for k, (key, (rows, cells, weights)) in enumerate(zip(keys, evaluated)):
@@ -100,9 +110,10 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
     out = run.run_dir.stack_predictions(stack)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, maps=np.array([k.name for k in keys]), **records)
-    path = run.run_dir.maps_file(stack)  # written last: its presence marks the stack done
-    save_maps(path, solver, keys, data.contexts, config.to_dict())
-    for i, key in enumerate(keys):
-        status = "diverged" if outcome.diverged[i] else "trained"
-        reporter.maps(run.map_rows([key], status, steps=outcome.steps, best_step=outcome.best_step[i], checkpoint=str(path)))
-    reporter.progress(stack, total, total)
+    path = run.run_dir.maps_file(stack)
+    for i, key in enumerate(keys):  # before the maps file: a stack with a maps file has its rows
+        diverged = outcome.diverged[i]
+        error = f"non-finite losses; kept its state of step {outcome.best_step[i]}" if diverged else None
+        reporter.maps(run.map_rows([key], "diverged" if diverged else "trained", steps=outcome.steps,
+                                   best_step=outcome.best_step[i], checkpoint=str(path), error=error))
+    save_maps(path, solver, keys, data.contexts, config.to_dict())  # written last: it marks the stack done
