@@ -1,4 +1,4 @@
-"""`perturbot`: train, demo, predict, evaluate, runs, metrics, bench.
+"""`perturbot`: train, demo, tune, predict, evaluate, runs, metrics, bench.
 
 Errors are one line on stderr: exit code 2 for bad input (data, options), 1 for a failed run.
 """
@@ -40,23 +40,12 @@ class Progress:
               f"{elapsed:.0f}s{eta}   ", end=end, file=sys.stderr, flush=True)
 
 
-def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
-    if data_required:
-        p.add_argument("--data", required=True, help="input .h5ad (dense or sparse X, or --obsm-key)")
-        p.add_argument("--condition-key", required=True, help="obs column holding the condition labels")
-        p.add_argument("--control", required=True, help="control label in that column")
-        p.add_argument("--perturbations", default="all", help="'all' or a comma-separated list of labels")
-    p.add_argument("--solver", choices=sorted(SOLVERS),
-                   help="default: the config file's solver.name, else cellot. " + "; ".join(
-                       f"{name} = {cls.summary()}" for name, cls in sorted(SOLVERS.items())))
-    p.add_argument("--config", type=Path, help="YAML with sections data, solver, train, cluster")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. train.batch_size=128 or solver.init=uniform")
-    p.add_argument("--out", type=Path, help="run directory (default runs/<time>)")
-    p.add_argument("--store", help="SQLAlchemy URL of the metrics store (default sqlite in the run dir)")
-    p.add_argument("--address", default=None, help="local (default, in-process Ray) | auto | ray://host:port")
-    p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
+def _data_args(p: argparse.ArgumentParser, perturbations_help: str, with_data: bool = True) -> None:
+    if with_data:
+        p.add_argument("--data", help="input .h5ad (dense or sparse X, or --obsm-key); or `dataset` in --config")
+        p.add_argument("--condition-key", help="obs column holding the condition labels (or data.condition_key)")
+        p.add_argument("--control", help="control label in that column (or data.control)")
+        p.add_argument("--perturbations", help=perturbations_help)
     p.add_argument("--split-by", help="obs key: one map per (group, perturbation), controls from the same group")
     p.add_argument("--holdout", metavar="KEY=VALUE", help="cells with obs[KEY]==VALUE form the test split (o.o.s.)")
     p.add_argument("--preprocess", choices=PREPROCESSING, help="default none")
@@ -66,11 +55,30 @@ def _train_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
                    help="cells that pick each map's best state: valid (default, a split of its own) or "
                         "test (CellOT's protocol, for paper comparisons; the final metrics then see them too)")
     p.add_argument("--seed", type=int, help="seed of splits, initialisation and minibatches (default 0)")
+
+
+def _solver_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solver", choices=sorted(SOLVERS),
+                   help="default: the config file's solver.name, else cellot. " + "; ".join(
+                       f"{name} = {cls.summary()}" for name, cls in sorted(SOLVERS.items())))
+    p.add_argument("--config", type=Path, help="YAML with sections dataset, data, solver, train, cluster")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. train.batch_size=128 or solver.init=uniform")
+    p.add_argument("--store", help="SQLAlchemy URL of the metrics store (default sqlite in the run dir)")
+    p.add_argument("--address", default=None, help="local (default, in-process Ray) | auto | ray://host:port")
     p.add_argument("--steps", type=int, help="outer training steps per map, all phases (default 2000)")
-    p.add_argument("--device", help="auto (default: a GPU per worker when Ray has GPUs) | cpu | cuda | cuda:N")
     p.add_argument("--published", action="store_true",
                    help="the paper's exact method: its constants and step count (CellOT: min-max, uniform init, "
                         "lr 1e-4, 100k steps); --steps and --set still apply")
+
+
+def _train_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
+    _data_args(p, "'all' (default) or a comma-separated list of labels", with_data)
+    _solver_args(p)
+    p.add_argument("--out", type=Path, help="run directory (default runs/<time>)")
+    p.add_argument("--device", help="auto (default: a GPU per worker when Ray has GPUs) | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
 
 
 def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str | None, control: str | None,
@@ -88,8 +96,9 @@ def _resolve_config(args: argparse.Namespace, dataset: str, condition_key: str |
         args.config, args.set, dataset=dataset, condition_key=condition_key, control=control,
         perturbations=wanted, split_by=split_by, holdout=holdout, preprocess=args.preprocess, embed=args.embed,
         obsm_key=args.obsm_key, select_on=args.select_on, seed=args.seed, solver=args.solver,
-        published=args.published or None, steps=args.steps, device=args.device,
-        address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        published=args.published or None, steps=args.steps, device=getattr(args, "device", None),
+        address=args.address, workers=getattr(args, "workers", None),
+        gpus_per_worker=getattr(args, "gpus_per_worker", None),
     )
 
 
@@ -108,8 +117,12 @@ def _run(config: Any, out: Path | None, store: str | None) -> int:
     return 0 if result.succeeded() else 1
 
 
+def _dataset(args: argparse.Namespace) -> str | None:
+    return None if args.data is None else str(args.data)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    config = _resolve_config(args, str(args.data), args.condition_key, args.control, args.perturbations, args.split_by)
+    config = _resolve_config(args, _dataset(args), args.condition_key, args.control, args.perturbations, args.split_by)
     return _run(config, args.out, args.store)
 
 
@@ -127,6 +140,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.workers = min(2, os.cpu_count() or 1)
     config = _resolve_config(args, str(dataset), "condition", "control", "all", args.split_by or "group")
     return _run(config, out, args.store)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tune.search import SearchSettings, load_space, resume, start
+
+    if args.resume:
+        if args.out is None or args.data is not None or args.config is not None:
+            raise DataError("--resume continues the search in --out DIR with its own settings; give only --out")
+        result = resume(args.out)
+    else:
+        config = _resolve_config(args, _dataset(args), args.condition_key, args.control, args.perturbations,
+                                 args.split_by)
+        settings = SearchSettings(load_space(config, args.space), args.samples, args.scheduler, args.search,
+                                  args.max_concurrent, args.gpus_per_trial)
+        result = start(config, settings, args.out or default_run_dir("tune-"), args.store)
+    print(f"search {result.run_id} -> {result.dir.root}")
+    print(result.describe(args.top))
+    print(f"best config: {result.dir.best_config} (perturbot train --config {result.dir.best_config})")
+    return 0
+
+
+def _search(run: str, store: str | None) -> tuple[str, str] | None:
+    """(store URL, run id) when `run` is a search: its directory, or its run id in --store."""
+    from engine.store import Store
+
+    directory = RunDir(run)
+    if directory.exists():
+        info = directory.read_info()
+        return (store or info["store"], info["run_id"]) if info.get("kind") == "tune" else None
+    if store is None:
+        return None
+    with Store(store) as opened:
+        runs = opened.runs()
+    kind = runs.loc[runs["run_id"] == run, "kind"]
+    if kind.empty:
+        raise DataError(f"no run {run!r} in the store {store}")
+    if kind.iloc[0] != "tune":
+        raise DataError(f"run {run} is a training run: give its run directory to --run")
+    return store, run
 
 
 def _open_run(run: str, store: str | None) -> Any:
@@ -187,6 +239,18 @@ def _print_frame(frame: Any, fmt: str) -> None:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
+    search = _search(args.run, args.store)
+    if search is not None:
+        from engine.store import Store
+        from tune.results import describe, leaderboard
+
+        with Store(search[0]) as store:
+            board, identity = leaderboard(store, search[1])
+        if args.format == "table":
+            print(describe(board, identity, len(board)))
+        else:
+            _print_frame(board, args.format)
+        return 0
     result = _open_run(args.run, args.store)
     _print_frame(result.metrics(metric=args.metric) if args.raw else result.summary(args.metric), args.format)
     return 0
@@ -217,8 +281,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help=f"train on a shipped synthetic dataset (2 groups x 4 perturbations; "
                                     f"{DEMO_STEPS} steps and 2 workers unless set)")
-    _train_args(p, data_required=False)
+    _train_args(p, with_data=False)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("tune", help="hyperparameter search with Ray Tune: leaderboard in the store, best config as YAML")
+    _data_args(p, "the tuning subset: comma-separated perturbation labels (default: all)")
+    _solver_args(p)
+    p.add_argument("--space", type=Path, help="search space YAML (default: the solver's, shipped in tune/spaces/)")
+    p.add_argument("--samples", type=int, default=16, help="trials (default 16)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                   help="asha (default: stops poor trials at its rungs) | fifo (every trial runs to the end)")
+    p.add_argument("--search", choices=("random", "optuna"), default="random",
+                   help="random (default) | optuna (TPE; needs pip install 'perturbot[tune]')")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds, 1 CPU each)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU share per trial (default 0: CPU)")
+    p.add_argument("--out", type=Path, help="search directory (default runs/tune-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search in --out (nothing else given)")
+    p.add_argument("--top", type=int, default=10, help="trials shown in the leaderboard (default 10)")
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("predict", help="predict perturbed cells from control cells with a trained run")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--data", required=True, help=".h5ad of control cells (same features as training)")
@@ -237,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="SQLAlchemy URL (default: every runs/*/metrics.sqlite)")
     p.add_argument("--root", default="runs", help="where to look for run directories")
     p.set_defaults(func=cmd_runs)
-    p = sub.add_parser("metrics", help="metrics of a run: per map, model vs identity, observed, mean_shift, gaussian")
-    p.add_argument("--run", required=True, help="run directory")
+    p = sub.add_parser("metrics", help="metrics of a run: per map, model vs identity, observed, mean_shift, gaussian; "
+                                       "of a search: its leaderboard")
+    p.add_argument("--run", required=True, help="run directory, or a search's run id with --store")
     p.add_argument("--store")
     p.add_argument("--metric", help="only this metric")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")

@@ -1,13 +1,15 @@
 """The layout of a run directory, in one place (DESIGN.md "Run directory").
 
-    config.yaml              the fully resolved RunConfig
-    run.json                 {"run_id", "store"}
+    config.yaml              the fully resolved RunConfig (a search: its base config)
+    run.json                 {"run_id", "store", "kind"}  (kind: train | tune)
+    search.yaml              a search's settings and space (tune)
+    best.yaml                a search's best configuration, for `perturbot train --config` (tune)
     data/                    the prepared Arrow cell tables, embedding and markers
     checkpoints/             stack-*.train.pt (resume), stack-*.maps.pt (the best maps, final)
     predictions/             stack-*.npz (held-out controls of each map, predicted)
     predictions.h5ad         all of them, one row per predicted cell and map
     metrics.sqlite           the default store
-    ray/                     Ray Train's storage_path
+    ray/                     Ray Train's (or Tune's) storage_path
 """
 from __future__ import annotations
 
@@ -34,6 +36,14 @@ class RunDir:
     @property
     def info(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def search(self) -> Path:
+        return self.root / "search.yaml"
+
+    @property
+    def best_config(self) -> Path:
+        return self.root / "best.yaml"
 
     @property
     def data(self) -> Path:
@@ -73,9 +83,9 @@ class RunDir:
     def all_stack_predictions(self) -> list[Path]:
         return sorted((self.root / "predictions").glob("*.npz"))
 
-    def write_info(self, run_id: str, store_url: str) -> None:
+    def write_info(self, run_id: str, store_url: str, kind: str = "train") -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.info.write_text(json.dumps({"run_id": run_id, "store": store_url}))
+        self.info.write_text(json.dumps({"run_id": run_id, "store": store_url, "kind": kind}))
 
     def read_info(self) -> dict[str, str]:
         return json.loads(self.info.read_text())
