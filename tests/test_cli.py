@@ -77,6 +77,12 @@ def test_bad_input_is_one_line_and_exit_2(case, make, args, needle, h5ad, tmp_pa
     assert needle.lower() in err.lower(), err
 
 
+def test_train_without_data_or_config_says_what_is_missing(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--data" in err and "--condition-key" in err, err
+
+
 def test_demo_metrics_and_predict(ray_session, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "20", "--set", "train.eval_every=10"]) == 0

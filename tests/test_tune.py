@@ -170,7 +170,8 @@ def test_search_with_asha_into_the_store_then_train_the_winner(ray_session, one_
 
 @pytest.mark.slow
 def test_killed_search_resumes_without_redoing_finished_trials(ray_session, h5ad, tmp_path, capsys):
-    """Kill the driver (SIGKILL) once two trials have ended, resume: 8 trials, none twice, none rerun."""
+    """Kill the driver (SIGKILL) once two trials have ended, resume: 8 trials, each once in the store,
+    exact rows (also for a trial that ran again), and the trials Tune had saved as ended not rerun."""
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SMALL_SPACE))
     out = tmp_path / "search"
@@ -195,13 +196,21 @@ def test_killed_search_resumes_without_redoing_finished_trials(ray_session, h5ad
         driver.wait()
     assert driver.returncode == -signal.SIGKILL and len(ended) >= 2, "the search ended before it could be killed"
     experiment = next((out / "ray").iterdir())
-    lines_before = {t: _result_lines(experiment, t) for t in ended}
+    saved = _terminated(experiment)  # the trials Tune's saved state knows as ended (it saves every second)
+    assert saved, "Tune had saved no ended trial before the kill"
+    lines_before = {t: _result_lines(experiment, t) for t in saved}
 
     assert main(["tune", "--resume", "--out", str(out)]) == 0
     store, run_id = _check_store(out, 8)
     assert set(store.trials(run_id)["status"]) == {"finished"}  # FIFO: every trial runs to the end
-    assert {t: _result_lines(experiment, t) for t in ended} == lines_before  # finished trials did not run again
+    assert {t: _result_lines(experiment, t) for t in saved} == lines_before  # ended trials did not run again
     store.close()
+
+
+def _terminated(experiment: Path) -> set[str]:
+    state = json.loads(sorted(experiment.glob("experiment_state-*.json"))[-1].read_text())
+    trials = [json.loads(trial) for trial, _ in state["trial_data"]]
+    return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
 def _result_lines(experiment: Path, trial_id: str) -> int:

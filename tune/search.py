@@ -18,6 +18,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 import uuid
@@ -215,6 +216,9 @@ class TrialLog(Callback):
 def _finish(tuner: Any, config: RunConfig, space: SearchSpace, directory: RunDir, run_id: str,
             store_url: str) -> SearchResult:
     """Run the search; then the run's status, the leaderboard and best.yaml."""
+    # Tune saves the search's state (what --resume restores) at most every 10 s by default: a trial that
+    # ended since then runs again on resume. Every second keeps that window small (the store is exact anyway).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     status = "failed"
     with Store(store_url) as store:
         try:
