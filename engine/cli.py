@@ -5,6 +5,7 @@ Errors are one line on stderr: exit code 2 for bad input (data, options), 1 for 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -145,16 +146,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from tune.search import SearchSettings, load_space, resume, start
 
-    if args.resume:
-        if args.out is None or args.data is not None or args.config is not None:
-            raise DataError("--resume continues the search in --out DIR with its own settings; give only --out")
-        result = resume(args.out)
-    else:
-        config = _resolve_config(args, _dataset(args), args.condition_key, args.control, args.perturbations,
-                                 args.split_by)
-        settings = SearchSettings(load_space(config, args.space), args.samples, args.scheduler, args.search,
-                                  args.max_concurrent, args.gpus_per_trial)
-        result = start(config, settings, args.out or default_run_dir("tune-"), args.store)
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's own messages; stdout keeps the leaderboard
+        if args.resume:
+            if args.out is None or args.data is not None or args.config is not None:
+                raise DataError("--resume continues the search in --out DIR with its own settings; give only --out")
+            result = resume(args.out)
+        else:
+            config = _resolve_config(args, _dataset(args), args.condition_key, args.control, args.perturbations,
+                                     args.split_by)
+            settings = SearchSettings(load_space(config, args.space), args.samples, args.scheduler, args.search,
+                                      args.max_concurrent, args.gpus_per_trial)
+            result = start(config, settings, args.out or default_run_dir("tune-"), args.store)
     print(f"search {result.run_id} -> {result.dir.root}")
     print(result.describe(args.top))
     print(f"best config: {result.dir.best_config} (perturbot train --config {result.dir.best_config})")

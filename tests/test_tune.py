@@ -20,8 +20,8 @@ from engine.store import Store
 from tune.space import SearchSpace, configure, default_space
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, EVAL_EVERY = 40, 10
-REPORTS = [0, 10, 20, 30, 40]
+STEPS, EVAL_EVERY = 20, 5
+REPORTS = [0, 5, 10, 15, 20]
 # small networks and batches: a trial is a few hundred ms of training on one core
 SMALL_SPACE = {
     "solver.lr": {"loguniform": [1.0e-4, 3.0e-2]},
@@ -69,6 +69,20 @@ def test_a_space_that_moves_the_phases_is_refused():
     """ASHA compares trials at the same reports: W1OT's potential_fraction would move them."""
     with pytest.raises(DataError, match="phases"):
         SearchSpace.parse({"solver.potential_fraction": {"uniform": [0.3, 0.7]}}, _base("w1ot"))
+
+
+def test_asha_judges_no_trial_before_it_trained_in_a_selecting_phase():
+    """Grace period: CellOT from its first trained report; W1OT after its potential phase and
+    some step-size training (the state the step-size phase starts from is not yet trained)."""
+    from engine.solvers import solver_class
+    from engine.train.loop import evaluation_steps
+    from tune.search import grace_period
+
+    for solver, steps, eval_every, expected in (("cellot", 20, 5, 2), ("w1ot", 20, 5, 4), ("w1ot", 25, 10, 4)):
+        cls = solver_class(solver)
+        plan = cls.plan(_base(solver).solver_config(), steps)
+        reports = evaluation_steps(plan, eval_every)
+        assert grace_period(plan, reports) == expected, (solver, reports)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +165,7 @@ def test_search_with_asha_into_the_store_then_train_the_winner(ray_session, one_
     assert best_yaml["solver"]["hidden"] == params["solver.hidden"] and best_yaml["solver"]["lr"] == params["solver.lr"]
     assert best_yaml["data"]["perturbations"] is None and best_yaml["train"]["steps"] == STEPS
     trained = tmp_path / "winner"
-    assert main(["train", "--config", str(out / "best.yaml"), "--steps", "10", "--out", str(trained)]) == 0
+    assert main(["train", "--config", str(out / "best.yaml"), "--steps", "5", "--set", "train.eval_every=5", "--out", str(trained)]) == 0
     from engine.api import FitResult
 
     result = FitResult.load(trained)
@@ -216,3 +230,18 @@ def _terminated(experiment: Path) -> set[str]:
 def _result_lines(experiment: Path, trial_id: str) -> int:
     (trial_dir,) = [d for d in experiment.iterdir() if d.is_dir() and trial_id in d.name]
     return len((trial_dir / "result.json").read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_optuna_search_when_the_extra_is_installed(ray_session, one_thread, h5ad, tmp_path, capsys):
+    """--search optuna (TPE) with the `tune` extra: the same store rows as a random search."""
+    pytest.importorskip("optuna", reason="needs the optional extra: pip install 'perturbot[tune]'")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SMALL_SPACE))
+    out = tmp_path / "search"
+    assert main(_tune_argv(h5ad, out, space, samples=4) + ["--search", "optuna", "--scheduler", "fifo"]) == 0
+    store, run_id = _check_store(out, 4)
+    params = [json.loads(p) for p in store.trials(run_id)["params_json"]]
+    assert all(p["solver.betas"] in ([0.5, 0.9], [0.9, 0.999]) and len(set(p["solver.hidden"])) == 1 for p in params)
+    assert (out / "best.yaml").is_file()
+    store.close()

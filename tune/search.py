@@ -36,6 +36,7 @@ from engine.data import PreparedData, prepare, read_h5ad
 from engine.options import DataError, parse_options
 from engine.rundir import RunDir
 from engine.solvers import build_solver
+from engine.solvers.base import Plan
 from engine.store import Store
 from engine.train.loop import evaluation_steps, validation_mmd
 from engine.train.stack import stack_data
@@ -57,6 +58,7 @@ class SearchSettings:
     search: str = "random"
     max_concurrent: int | None = None  # None: as many trials as the cluster's CPUs (GPUs) hold
     gpus_per_trial: float = 0.0
+    reuse_actors: bool = True  # a trial reuses an ended trial's actor (benchmarks/tune_overhead.py: off vs on)
 
     def __post_init__(self) -> None:
         if self.samples < 1 or (self.max_concurrent is not None and self.max_concurrent < 1) or self.gpus_per_trial < 0:
@@ -168,6 +170,13 @@ def _trainable(config: RunConfig, settings: SearchSettings, space: SearchSpace, 
     return tune.with_resources(trainable, {"cpu": 1, "gpu": settings.gpus_per_trial})
 
 
+def grace_period(plan: Plan, reports: list[int]) -> int:
+    """ASHA's grace period in reports (Tune's training_iteration counts from 1): the first report made
+    after some training inside a selecting phase (the last report if there is none)."""
+    trained = [any(p.selects_best and start < step <= end for p, start, end in plan.spans()) for step in reports]
+    return trained.index(True) + 1 if any(trained) else len(reports)
+
+
 def _tuner(config: RunConfig, settings: SearchSettings, space: SearchSpace, prepared: PreparedData,
            directory: RunDir, run_id: str, store_url: str) -> Any:
     from ray import tune
@@ -175,11 +184,10 @@ def _tuner(config: RunConfig, settings: SearchSettings, space: SearchSpace, prep
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     plan = config.solver_cls.plan(config.solver_config(), config.train.steps)
-    reports = evaluation_steps(plan, config.train.eval_every)
     if settings.scheduler == "asha":
-        grace = next((i + 1 for i, step in enumerate(reports) if step > 0 and plan.selects_at(step)), len(reports))
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=len(reports), grace_period=grace,
-                                  reduction_factor=REDUCTION_FACTOR)
+        reports = evaluation_steps(plan, config.train.eval_every)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=len(reports),
+                                  grace_period=grace_period(plan, reports), reduction_factor=REDUCTION_FACTOR)
     else:
         scheduler = FIFOScheduler()
     if settings.search == "optuna":  # a Searcher: Tune limits its concurrency (max_concurrent_trials)
@@ -195,7 +203,7 @@ def _tuner(config: RunConfig, settings: SearchSettings, space: SearchSpace, prep
         param_space=space.sample_space(),
         tune_config=tune.TuneConfig(metric="best_mmd", mode="min", scheduler=scheduler, search_alg=searcher,
                                     num_samples=settings.samples, max_concurrent_trials=limit,
-                                    reuse_actors=True),
+                                    reuse_actors=settings.reuse_actors),
         run_config=tune.RunConfig(name=run_id, storage_path=str(directory.ray_storage),
                                   callbacks=[callback, TrialLog()], verbose=0),
     )
