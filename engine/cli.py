@@ -247,6 +247,9 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         from tune.results import describe, leaderboard
 
         with Store(search[0]) as store:
+            if args.raw:  # every trial's rows, and the identity's
+                _print_frame(store.metrics(search[1], metric=args.metric), args.format)
+                return 0
             board, identity = leaderboard(store, search[1])
         if args.format == "table":
             print(describe(board, identity, len(board)))
@@ -329,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", add_help=False,
                        help="benchmarks (JSON out): stacked vs one-at-a-time (`bench --help`), 1 vs 2 Ray workers "
                             "(`bench workers`), data preparation (`bench data_prep`), W2 solvers against known maps "
-                            "(`bench ground_truth`), per-iteration speed of the solvers (`bench solvers`)")
+                            "(`bench ground_truth`), per-iteration speed of the solvers (`bench solvers`), per-trial "
+                            "overhead of a search (`bench tune_overhead`)")
     p.set_defaults(func=cmd_bench)
     return parser
 

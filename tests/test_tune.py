@@ -92,11 +92,12 @@ def h5ad(tmp_path_factory):
     return path
 
 
-def _tune_argv(h5ad: Path, out: Path, space: Path, samples: int = 8) -> list[str]:
+def _tune_argv(h5ad: Path, out: Path, space: Path, samples: int = 8, solver: str = "cellot") -> list[str]:
+    faster = ["--set", "solver.conjugate_steps=2"] if solver == "cellot" else []
     return ["tune", "--data", str(h5ad), "--condition-key", "condition", "--control", "control",
             "--split-by", "group", "--perturbations", "pert0", "--space", str(space), "--samples", str(samples),
             "--max-concurrent", "2", "--steps", str(STEPS), "--set", f"train.eval_every={EVAL_EVERY}",
-            "--set", "solver.conjugate_steps=2", "--out", str(out)]
+            "--solver", solver, *faster, "--out", str(out)]
 
 
 def test_optuna_absent_is_a_clear_error(h5ad, tmp_path, capsys, monkeypatch):
@@ -245,3 +246,22 @@ def test_optuna_search_when_the_extra_is_installed(ray_session, one_thread, h5ad
     assert all(p["solver.betas"] in ([0.5, 0.9], [0.9, 0.999]) and len(set(p["solver.hidden"])) == 1 for p in params)
     assert (out / "best.yaml").is_file()
     store.close()
+
+
+@pytest.mark.slow
+def test_failed_trials_are_in_the_store_with_their_error(ray_session, one_thread, h5ad, tmp_path, capsys):
+    """Options valid alone but not together (W1OT: widths 24 with 8 GroupSort groups) fail every
+    trial: exit 1, each trial `failed` with the solver's one-line error, the run `partial`, no best.yaml."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"solver.hidden": {"layers": {"width": [24], "depth": [2]}},
+                                     "solver.groups": {"choice": [8]}}))
+    out = tmp_path / "search"
+    assert main(_tune_argv(h5ad, out, space, samples=2, solver="w1ot") + ["--scheduler", "fifo"]) == 1
+    assert "no trial" in capsys.readouterr().err
+    info = json.loads((out / "run.json").read_text())
+    with Store(info["store"]) as store:
+        trials = store.trials(info["run_id"])
+        assert len(trials) == 2 and set(trials["status"]) == {"failed"}
+        assert trials["error"].str.contains("GroupSort").all(), trials["error"].tolist()
+        assert store.runs().set_index("run_id").loc[info["run_id"], "status"] == "partial"
+    assert not (out / "best.yaml").exists()

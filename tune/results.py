@@ -91,8 +91,8 @@ class StoreCallback(Callback):
 
 def leaderboard(store: Store, run_id: str) -> tuple[pd.DataFrame, float]:
     """Trials ranked by best_mmd (failed and unreported last): columns rank, trial_id, status, step,
-    best_mmd, ratio (to the identity), then one column per searched option; and the identity's mean
-    validation MMD over the tuning maps (NaN if absent)."""
+    best_mmd, ratio (to the identity), error (when a trial failed), then one column per searched
+    option; and the identity's mean validation MMD over the tuning maps (NaN if absent)."""
     trials = store.trials(run_id)
     identity = store.metrics(run_id, split="valid_identity", metric="mmd")["value"].mean()
     params = [json.loads(p) if p else {} for p in trials["params_json"]]
@@ -103,6 +103,8 @@ def leaderboard(store: Store, run_id: str) -> tuple[pd.DataFrame, float]:
         "best_mmd": trials["best_mmd"].astype(float),
     })
     board["ratio"] = board["best_mmd"] / identity
+    if trials["error"].notna().any():
+        board["error"] = trials["error"]
     board = pd.concat([board, pd.DataFrame(params, index=board.index)], axis=1)
     board = board.sort_values(["best_mmd", "trial_id"], na_position="last", kind="stable").reset_index(drop=True)
     board.insert(0, "rank", range(1, len(board) + 1))

@@ -236,7 +236,8 @@ def _finish(tuner: Any, config: RunConfig, space: SearchSpace, directory: RunDir
         finally:
             store.finish_run(run_id, status)
         if not len(board) or not math.isfinite(board["best_mmd"].iloc[0]):
-            raise DataError(f"no trial of search {run_id} reported a validation mmd; see {directory.ray_storage}")
+            raise RuntimeError(f"no trial of search {run_id} reported a validation mmd "
+                               "(perturbot metrics --run shows the trials' errors)")
         best = board.iloc[0]
         params = json.loads(store.trials(run_id).set_index("trial_id").loc[best["trial_id"], "params_json"])
     write_best_config(configure(config, params), best, directory, run_id)
