@@ -250,10 +250,10 @@ def test_optuna_search_when_the_extra_is_installed(ray_session, one_thread, h5ad
 
 @pytest.mark.slow
 def test_failed_trials_are_in_the_store_with_their_error(ray_session, one_thread, h5ad, tmp_path, capsys):
-    """Options valid alone but not together (W1OT: widths 24 with 8 GroupSort groups) fail every
+    """Options valid alone but not together (W1OT: widths 20 with 8 GroupSort groups) fail every
     trial: exit 1, each trial `failed` with the solver's one-line error, the run `partial`, no best.yaml."""
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"solver.hidden": {"layers": {"width": [24], "depth": [2]}},
+    space.write_text(yaml.safe_dump({"solver.hidden": {"layers": {"width": [20], "depth": [2]}},
                                      "solver.groups": {"choice": [8]}}))
     out = tmp_path / "search"
     assert main(_tune_argv(h5ad, out, space, samples=2, solver="w1ot") + ["--scheduler", "fifo"]) == 1

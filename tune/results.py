@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -79,9 +80,11 @@ class StoreCallback(Callback):
         self._trial(trial, status=status)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        error = trial.get_pickled_error() or trial.get_error()
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        self._trial(trial, status="failed", error=lines[-1] if lines else "unknown error")
+        # the driver's copy of the trial's error (the storage copy is synced later): a traceback whose
+        # last line is the exception
+        text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else ""
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        self._trial(trial, status="failed", error=lines[-1] if lines else "unknown error (see Tune's trial logs)")
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         if self._store is not None:

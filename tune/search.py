@@ -106,11 +106,10 @@ def start(config: RunConfig, settings: SearchSettings, out: str | Path, store_ur
     prepared.save(directory.data)
     directory.write_info(run_id, store_url, kind="tune")
     with Store(store_url) as store:
-        store.start_run(run_id, "tune", config.solver, Path(config.dataset).name, file_sha256(Path(config.dataset)),
-                        {**config.to_dict(), "search": dataclasses.asdict(settings)})
+        _record_run(store, run_id, config, settings)
         store.upsert_metrics(identity_rows(run_id, [k.name for k in prepared.maps], _identity_mmd(prepared, config)))
     tuner = _tuner(config, settings, space, prepared, directory, run_id, store_url)
-    return _finish(tuner, config, space, directory, run_id, store_url)
+    return _finish(tuner, config, directory, run_id, store_url)
 
 
 def resume(out: str | Path) -> SearchResult:
@@ -131,11 +130,17 @@ def resume(out: str | Path) -> SearchResult:
         raise DataError(f"{experiment} holds no Tune experiment to restore")
     _connect(config, settings)
     with Store(info["store"]) as store:
-        store.start_run(info["run_id"], "tune", config.solver, Path(config.dataset).name, file_sha256(Path(config.dataset)),
-                        {**config.to_dict(), "search": dataclasses.asdict(settings)})
+        _record_run(store, info["run_id"], config, settings)
     tuner = tune.Tuner.restore(str(experiment), trainable=_trainable(config, settings, space, prepared),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
-    return _finish(tuner, config, space, directory, info["run_id"], info["store"])
+    return _finish(tuner, config, directory, info["run_id"], info["store"])
+
+
+def _record_run(store: Store, run_id: str, config: RunConfig, settings: SearchSettings) -> None:
+    """The search's runs row (kind tune; "running" again on resume): the base config and the settings."""
+    dataset = Path(config.dataset)
+    store.start_run(run_id, "tune", config.solver, dataset.name, file_sha256(dataset),
+                    {**config.to_dict(), "search": dataclasses.asdict(settings)})
 
 
 def _connect(config: RunConfig, settings: SearchSettings) -> None:
@@ -221,8 +226,7 @@ class TrialLog(Callback):
         print(f"trial {trial.trial_id}: failed (perturbot metrics --run shows the error)", file=sys.stderr, flush=True)
 
 
-def _finish(tuner: Any, config: RunConfig, space: SearchSpace, directory: RunDir, run_id: str,
-            store_url: str) -> SearchResult:
+def _finish(tuner: Any, config: RunConfig, directory: RunDir, run_id: str, store_url: str) -> SearchResult:
     """Run the search; then the run's status, the leaderboard and best.yaml."""
     # Tune saves the search's state (what --resume restores) at most every 10 s by default: a trial that
     # ended since then runs again on resume. Every second keeps that window small (the store is exact anyway).
