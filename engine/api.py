@@ -213,7 +213,10 @@ def prediction_frame(
     return ad.AnnData(X=np.asarray(cells, np.float32), obs=obs, var=pd.DataFrame(index=prepared.features))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, or "" when it is not a file (e.g. in-memory AnnData)."""
+    if not path.is_file():
+        return ""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -246,7 +249,7 @@ def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None, ad
     dataset = Path(config.dataset)
     with Store(store_url) as store:
         store.start_run(run_id, "train", config.solver, dataset.name,
-                        _sha256(dataset) if dataset.is_file() else "", config.to_dict())
+                        file_sha256(dataset), config.to_dict())
         store.upsert_maps([{"run_id": run_id, "perturbation": k.name, "status": "pending"} for k in prepared.maps])
     return _train(placed, prepared, directory, run_id, store_url, on_progress)
 

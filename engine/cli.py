@@ -1,10 +1,11 @@
-"""`perturbot`: train, demo, predict, evaluate, runs, metrics, submit, jobs, bench.
+"""`perturbot`: train, demo, tune, predict, evaluate, runs, metrics, report, submit, jobs, bench.
 
 Errors are one line on stderr: exit code 2 for bad input (data, options), 1 for a failed run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -21,45 +22,54 @@ from engine.solvers import SOLVERS
 DEMO_STEPS = 1000  # the demo's default budget (a few minutes on a laptop CPU); --steps overrides
 
 
-def _train_args(p: argparse.ArgumentParser, data_args: bool = True) -> None:
-    if data_args:
-        p.add_argument("--data", help="input .h5ad (dense or sparse X, or --obsm-key); required unless --resume")
-        p.add_argument("--condition-key", help="obs column holding the condition labels; required unless --resume")
-        p.add_argument("--control", help="control label in that column; required unless --resume")
-        p.add_argument("--perturbations", default="all", help="'all' or a comma-separated list of labels")
-        p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
-                       help="finish a stopped run: its unfinished maps from their last checkpoints (`--resume "
-                            "RUN_DIR` alone, or the run's own train command with --resume)")
-    p.add_argument("--solver", choices=sorted(SOLVERS),
-                   help="default: the config file's solver.name, else cellot. " + "; ".join(
-                       f"{name} = {cls.summary()}" for name, cls in sorted(SOLVERS.items())))
-    p.add_argument("--config", type=Path, help="YAML with sections data, solver, train, cluster")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. train.batch_size=128 or solver.init=uniform")
-    p.add_argument("--out", type=Path, help="run directory (default runs/<time>)")
-    p.add_argument("--store", help="SQLAlchemy URL of the metrics store (default sqlite in the run dir)")
-    p.add_argument("--storage", help="where workers write cells, checkpoints, maps, predictions: a path every node "
-                                      "mounts (default: the run directory)")
-    p.add_argument("--address", default=None, help="local (default, in-process Ray) | auto | ray://host:port")
-    p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps)")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
+def _data_args(p: argparse.ArgumentParser, perturbations_help: str, with_data: bool = True) -> None:
+    if with_data:
+        p.add_argument("--data", help="input .h5ad (dense or sparse X, or --obsm-key); or `dataset` in --config")
+        p.add_argument("--condition-key", help="obs column holding the condition labels (or data.condition_key)")
+        p.add_argument("--control", help="control label in that column (or data.control)")
+        p.add_argument("--perturbations", help=perturbations_help)
     p.add_argument("--split-by", help="obs key: one map per (group, perturbation), controls from the same group")
     p.add_argument("--holdout", metavar="KEY=VALUE", help="cells with obs[KEY]==VALUE form the test split (o.o.s.)")
     p.add_argument("--preprocess", choices=PREPROCESSING, help="default none")
     p.add_argument("--hvg", type=int, metavar="N",
                    help="keep the N most highly variable features (Seurat dispersion on log1p expression, "
                         "ranked on train cells after --preprocess), e.g. 1000 genes")
-    p.add_argument("--embed", help="train in a latent space, e.g. pca:50 (metrics decoded to genes)")
+    p.add_argument("--embed", help="train in a latent space: pca:K or ae:K (an autoencoder; metrics decoded to genes)")
     p.add_argument("--obsm-key", help="take features from adata.obsm[KEY] instead of X")
     p.add_argument("--select-on", choices=SELECT_ON,
                    help="cells that pick each map's best state: valid (default, a split of its own) or "
                         "test (CellOT's protocol, for paper comparisons; the final metrics then see them too)")
     p.add_argument("--seed", type=int, help="seed of splits, initialisation and minibatches (default 0)")
+
+
+def _solver_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solver", choices=sorted(SOLVERS),
+                   help="default: the config file's solver.name, else cellot. " + "; ".join(
+                       f"{name} = {cls.summary()}" for name, cls in sorted(SOLVERS.items())))
+    p.add_argument("--config", type=Path, help="YAML with sections dataset, data, solver, train, cluster")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. train.batch_size=128 or solver.init=uniform")
+    p.add_argument("--store", help="SQLAlchemy URL of the metrics store (default sqlite in the run dir)")
+    p.add_argument("--address", default=None, help="local (default, in-process Ray) | auto | ray://host:port")
     p.add_argument("--steps", type=int, help="outer training steps per map, all phases (default 2000)")
-    p.add_argument("--device", help="auto (default: a GPU per worker when Ray has GPUs) | cpu | cuda | cuda:N")
     p.add_argument("--published", action="store_true",
                    help="the paper's exact method: its constants and step count (CellOT: min-max, uniform init, "
                         "lr 1e-4, 100k steps); --steps and --set still apply")
+
+
+def _train_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
+    _data_args(p, "'all' (default) or a comma-separated list of labels", with_data)
+    if with_data:
+        p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                       help="finish a stopped run: its unfinished maps from their last checkpoints (`--resume "
+                            "RUN_DIR` alone, or the run's own train command with --resume)")
+    _solver_args(p)
+    p.add_argument("--out", type=Path, help="run directory (default runs/<time>)")
+    p.add_argument("--storage", help="where workers write cells, checkpoints, maps, predictions: a path every node "
+                                      "mounts (default: the run directory)")
+    p.add_argument("--device", help="auto (default: a GPU per worker when Ray has GPUs) | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
 
 
 def _resolve_config(args: argparse.Namespace, dataset: str | None, condition_key: str | None, control: str | None,
@@ -78,8 +88,9 @@ def _resolve_config(args: argparse.Namespace, dataset: str | None, condition_key
         perturbations=wanted, split_by=split_by, holdout=holdout, preprocess=args.preprocess, hvg=args.hvg,
         embed=args.embed,
         obsm_key=args.obsm_key, select_on=args.select_on, seed=args.seed, solver=args.solver,
-        published=args.published or None, steps=args.steps, device=args.device,
-        address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        published=args.published or None, steps=args.steps, device=getattr(args, "device", None),
+        address=args.address, workers=getattr(args, "workers", None),
+        gpus_per_worker=getattr(args, "gpus_per_worker", None),
     )
 
 
@@ -140,6 +151,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.workers = min(2, os.cpu_count() or 1)
     config = _resolve_config(args, str(dataset), "condition", "control", "all", args.split_by or "group")
     return _run(config, out, args.store, storage=args.storage)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tune.search import SearchSettings, load_space, resume, start
+
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's own messages; stdout keeps the leaderboard
+        if args.resume:
+            if args.out is None or args.data is not None or args.config is not None:
+                raise DataError("--resume continues the search in --out DIR with its own settings; give only --out")
+            result = resume(args.out)
+        else:
+            dataset = None if args.data is None else str(args.data)
+            config = _resolve_config(args, dataset, args.condition_key, args.control, args.perturbations,
+                                     args.split_by)
+            settings = SearchSettings(load_space(config, args.space), args.samples, args.scheduler, args.search,
+                                      args.max_concurrent, args.gpus_per_trial)
+            result = start(config, settings, args.out or default_run_dir("tune-"), args.store)
+    print(f"search {result.run_id} -> {result.dir.root}")
+    print(result.describe(args.top))
+    print(f"best config: {result.dir.best_config} (perturbot train --config {result.dir.best_config})")
+    return 0
+
+
+def _search(run: str, store: str | None) -> tuple[str, str] | None:
+    """(store URL, run id) when `run` is a search: its directory, or its run id in --store."""
+    from engine.store import Store
+
+    directory = RunDir(run)
+    if directory.exists():
+        info = directory.read_info()
+        return (store or info["store"], info["run_id"]) if info.get("kind") == "tune" else None
+    if store is None:
+        return None
+    with Store(store) as opened:
+        runs = opened.runs()
+    kind = runs.loc[runs["run_id"] == run, "kind"]
+    if kind.empty:
+        raise DataError(f"no run {run!r} in the store {store}")
+    if kind.iloc[0] != "tune":
+        raise DataError(f"run {run} is a training run: give its run directory to --run")
+    return store, run
 
 
 def _open_run(run: str, store: str | None) -> Any:
@@ -216,6 +268,21 @@ def _print_frame(frame: Any, fmt: str, empty: str = "no metrics yet") -> None:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
+    search = _search(args.run, args.store)
+    if search is not None:
+        from engine.store import Store
+        from tune.results import describe, leaderboard
+
+        with Store(search[0]) as store:
+            if args.raw:  # every trial's rows, and the identity's
+                _print_frame(store.metrics(search[1], metric=args.metric), args.format)
+                return 0
+            board, identity = leaderboard(store, search[1])
+        if args.format == "table":
+            print(describe(board, identity, len(board)))
+        else:
+            _print_frame(board, args.format)
+        return 0
     result = _open_run(args.run, args.store)
     _print_frame(result.metrics(metric=args.metric) if args.raw else result.summary(args.metric), args.format)
     return 0
@@ -297,8 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help=f"train on a shipped synthetic dataset (2 groups x 4 perturbations; "
                                     f"{DEMO_STEPS} steps and 2 workers unless set)")
-    _train_args(p, data_args=False)
+    _train_args(p, with_data=False)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("tune", help="hyperparameter search with Ray Tune: leaderboard in the store, best config as YAML")
+    _data_args(p, "the tuning subset: comma-separated perturbation labels (default: all)")
+    _solver_args(p)
+    p.add_argument("--space", type=Path, help="search space YAML (default: the solver's, shipped in tune/spaces/)")
+    p.add_argument("--samples", type=int, default=16, help="trials (default 16)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                   help="asha (default: stops poor trials at its rungs) | fifo (every trial runs to the end)")
+    p.add_argument("--search", choices=("random", "optuna"), default="random",
+                   help="random (default) | optuna (TPE; needs pip install 'perturbot[tune]')")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds, 1 CPU each)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPU share per trial (default 0: CPU)")
+    p.add_argument("--out", type=Path, help="search directory (default runs/tune-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search in --out (nothing else given)")
+    p.add_argument("--top", type=int, default=10, help="trials shown in the leaderboard (default 10)")
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("predict", help="predict perturbed cells from control cells with a trained run")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--data", required=True, help=".h5ad of control cells (same features as training)")
@@ -319,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="SQLAlchemy URL (default: every runs/*/metrics.sqlite)")
     p.add_argument("--root", default="runs", help="where to look for run directories")
     p.set_defaults(func=cmd_runs)
-    p = sub.add_parser("metrics", help="metrics of a run: per map, model vs identity, observed, mean_shift, gaussian")
-    p.add_argument("--run", required=True, help="run directory")
+    p = sub.add_parser("metrics", help="metrics of a run: per map, model vs identity, observed, mean_shift, gaussian; "
+                                       "of a search: its leaderboard")
+    p.add_argument("--run", required=True, help="run directory, or a search's run id with --store")
     p.add_argument("--store")
     p.add_argument("--metric", help="only this metric")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -354,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="benchmarks (JSON out): stacked vs one-at-a-time (`bench --help`), 1 vs 2 Ray workers "
                             "(`bench workers`), data preparation (`bench data_prep`), W2 solvers against known maps "
                             "(`bench ground_truth`), per-iteration speed of the solvers (`bench solvers`), "
-                            "Sinkhorn against POT (`bench sinkhorn`)")
+                            "Sinkhorn against POT (`bench sinkhorn`), per-trial overhead of a search (`bench tune_overhead`)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -79,7 +79,8 @@ class RunConfig:
         if unknown:
             raise DataError(f"unknown config section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
         if "dataset" not in raw or "data" not in raw:
-            raise DataError("a run config needs `dataset` and a `data` section (condition_key, control)")
+            raise DataError("a run config needs `dataset` (--data) and a `data` section with condition_key and "
+                            "control (--condition-key, --control)")
         if not isinstance(raw.get("solver") or {}, dict):
             raise DataError(f"the solver section is a mapping (name: ..., options), got {raw['solver']!r}")
         solver = dict(raw.get("solver") or {})

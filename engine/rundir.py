@@ -1,7 +1,9 @@
 """The layout of a run directory, in one place (DESIGN.md "Run directory").
 
-    config.yaml              the fully resolved RunConfig
-    run.json                 {"run_id", "store", "storage"}
+    config.yaml              the fully resolved RunConfig (a search: its base config)
+    run.json                 {"run_id", "store", "storage", "kind"}  (kind: train | tune)
+    search.yaml              a search's settings and space (tune)
+    best.yaml                a search's best configuration, for `perturbot train --config` (tune)
     predictions.h5ad         every map's held-out controls, predicted (one row per cell and map)
     metrics.sqlite           the default store
 
@@ -11,7 +13,7 @@ place: on a cluster, a path every node mounts), everything the workers read and 
     data/                    the prepared Arrow cell tables, embedding and markers
     checkpoints/             stack-*.train.pt (resume), stack-*.maps.pt (the best maps, final)
     predictions/             stack-*.npz (held-out controls of each map, predicted)
-    ray/                     Ray Train's storage_path
+    ray/                     Ray Train's (or Tune's) storage_path
 """
 from __future__ import annotations
 
@@ -56,6 +58,14 @@ class RunDir:
         return self.root / "run.json"
 
     @property
+    def search(self) -> Path:
+        return self.root / "search.yaml"
+
+    @property
+    def best_config(self) -> Path:
+        return self.root / "best.yaml"
+
+    @property
     def data(self) -> Path:
         return self.storage / "data"
 
@@ -93,10 +103,11 @@ class RunDir:
     def all_stack_predictions(self) -> list[Path]:
         return sorted((self.storage / "predictions").glob("*.npz"))
 
-    def write_info(self, run_id: str, store_url: str) -> None:
+    def write_info(self, run_id: str, store_url: str, kind: str = "train") -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         own = self.storage == self.root.resolve()  # the default: not recorded, so a copied run reads its own files
-        self.info.write_text(json.dumps({"run_id": run_id, "store": store_url, "storage": None if own else str(self.storage)}))
+        self.info.write_text(json.dumps({"run_id": run_id, "store": store_url, "kind": kind,
+                                         "storage": None if own else str(self.storage)}))
 
     def read_info(self) -> dict[str, str]:
         return json.loads(self.info.read_text())

@@ -105,6 +105,12 @@ def test_an_interrupt_is_one_line_after_the_progress_bar(monkeypatch, h5ad, tmp_
     assert err[1] == f"perturbot: interrupted (1/4 maps done; finish with `perturbot train --resume {out}`)"
 
 
+def test_train_without_data_or_config_says_what_is_missing(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--data" in err and "--condition-key" in err, err
+
+
 def test_demo_metrics_and_predict(demo_run, tmp_path, capsys):
     from engine.api import FitResult
 

@@ -36,7 +36,7 @@ from engine.solvers import SOLVERS, build_solver
 from engine.solvers.base import Phase, Plan, StackSolver, Transport, make_config
 from engine.train.checkpoint import load_checkpoint
 from engine.train.evaluation import evaluate_maps
-from engine.train.loop import StackOutcome, TrainConfig, train_stack, validation_mmd
+from engine.train.loop import StackOutcome, TrainConfig, evaluation_steps, train_stack, validation_mmd
 from engine.train.saved_maps import SavedMaps, predict_cells, save_maps
 from engine.train.stack_data import StackData, map_seed
 
@@ -548,6 +548,7 @@ def test_final_state_is_the_best_selectable_state(name):
     plan = solver.plan(solver.config, steps)
     evaluated, mmd = unit_history(solver, outcome)
     assert evaluated == sorted(set(range(0, steps + 1, 3)) | plan.ends() | {0})
+    assert evaluated == evaluation_steps(plan, 3)  # what a tune search expects its reports at
     assert [row["phase"] for row in outcome.history] == [plan.phase_at(max(s - 1, 0)).name for s in evaluated]
     selectable = [i for i, s in enumerate(evaluated) if plan.selects_at(s)]
     final = solver.snapshot()

@@ -19,7 +19,7 @@ TABLES = {
                           "finished_at"]),
     "maps": (["run_id", "perturbation"], ["status", "steps", "best_step", "checkpoint", "error"]),
     "metrics": (["run_id", "trial_id", "perturbation", "split", "metric", "step"], ["value"]),
-    "trials": (["run_id", "trial_id"], ["params_json", "status"]),
+    "trials": (["run_id", "trial_id"], ["params_json", "status", "best_mmd", "step", "error"]),
 }
 
 
@@ -112,6 +112,26 @@ def test_metric_values_nan_as_null_filters_and_trials(store: Store):
     store.upsert_trials([{"run_id": "r1", "trial_id": "t7", "status": "terminated"}])
     trials = store.trials("r1")
     assert trials[["trial_id", "params_json", "status"]].values.tolist() == [["t7", '{"lr": 0.001}', "terminated"]]
+    store.delete_trial_metrics("r1", "t7")  # a trial that starts again drops its earlier rows, and only those
+    assert "t7" not in set(store.metrics("r1")["trial_id"]) and len(store.metrics("r1")) == 3
+
+
+def test_a_store_of_an_older_version_gains_the_new_columns(tmp_path: Path):
+    """A trials table made before best_mmd, step and error existed keeps its rows and gets them."""
+    path = tmp_path / "old.sqlite"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE trials (run_id VARCHAR NOT NULL, trial_id VARCHAR NOT NULL, "
+                                   "params_json TEXT, status VARCHAR, PRIMARY KEY (run_id, trial_id))")
+        connection.exec_driver_sql("INSERT INTO trials VALUES ('r0', 't0', '{}', 'finished')")
+    engine.dispose()
+    with Store(path) as store:
+        store.upsert_trials([{"run_id": "r0", "trial_id": "t1", "status": "stopped", "best_mmd": 0.25, "step": 10}])
+        trials = store.trials("r0")
+        assert list(trials.columns) == ["run_id", "trial_id", *TABLES["trials"][1]]
+        assert trials[["trial_id", "status", "best_mmd"]].values.tolist()[1] == ["t1", "stopped", 0.25]
+        assert trials[["trial_id", "params_json", "status"]].values.tolist()[0] == ["t0", "{}", "finished"]
+    Store(path).close()  # opening it again changes nothing
 
 
 def test_map_rows_update_only_the_columns_they_carry(store: Store):

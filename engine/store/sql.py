@@ -3,7 +3,8 @@
 Tables (DESIGN.md "Store tables"): runs, maps, metrics, trials, defined once in `METADATA`. Every write
 is an idempotent upsert keyed by the table's primary key, batched in one transaction per call, so a
 retried worker never duplicates or loses a row. A row may carry only some columns (e.g. a status
-update): the columns it leaves out keep their stored values.
+update): the columns it leaves out keep their stored values. A store made by an older version gains
+the columns added since (nullable, never keys) when it is opened.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ TRIALS = sa.Table(
     sa.Column("trial_id", sa.String, primary_key=True),
     sa.Column("params_json", sa.Text),
     sa.Column("status", sa.String),
+    sa.Column("best_mmd", sa.Float),  # best mean validation mmd over the tuning maps (tune)
+    sa.Column("step", sa.Integer),  # last reported step
+    sa.Column("error", sa.Text),
 )
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -103,6 +107,15 @@ def _upsert_statement(dialect: str, table: sa.Table, columns: tuple[str, ...], k
     return insert.on_conflict_do_update(index_elements=keys, set_={c: insert.excluded[c] for c in updates})
 
 
+def _add_missing_columns(connection: sa.Connection, table: sa.Table) -> None:
+    """ALTER TABLE ... ADD COLUMN for the columns of `table` that a store made by an older version lacks."""
+    present = {column["name"] for column in sa.inspect(connection).get_columns(table.name)}
+    for column in table.columns:
+        if column.name not in present:
+            kind = column.type.compile(dialect=connection.dialect)
+            connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+
+
 class Store:
     """Runs, maps, metrics and trials in one SQL database; tables are created when missing.
 
@@ -122,6 +135,7 @@ class Store:
         with self.engine.begin() as connection:  # IF NOT EXISTS: safe when several processes start at once
             for table in METADATA.sorted_tables:
                 connection.execute(CreateTable(table, if_not_exists=True))
+                _add_missing_columns(connection, table)
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -201,8 +215,13 @@ class Store:
         self._upsert(METRICS, clean)
 
     def upsert_trials(self, rows: list[dict[str, Any]]) -> None:
-        """Rows of (run_id, trial_id, [params_json, status])."""
+        """Rows of (run_id, trial_id, [params_json, status, best_mmd, step, error])."""
         self._upsert(TRIALS, rows)
+
+    def delete_trial_metrics(self, run_id: str, trial_id: str) -> None:
+        """Forget a trial's metric rows (it starts again from its first step)."""
+        with self.engine.begin() as connection:
+            connection.execute(METRICS.delete().where((METRICS.c.run_id == run_id) & (METRICS.c.trial_id == trial_id)))
 
     # reads ----------------------------------------------------------------------------------------
 

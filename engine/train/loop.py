@@ -122,6 +122,11 @@ def _per_map(solver: StackSolver, values: torch.Tensor) -> torch.Tensor:
     return values.expand(solver.n_maps) if solver.shared else values
 
 
+def evaluation_steps(plan: Plan, eval_every: int) -> list[int]:
+    """The steps after which the loop evaluates: 0, every `eval_every`, and every phase end."""
+    return sorted({0, *range(eval_every, plan.total + 1, eval_every), *(end for _, _, end in plan.spans())})
+
+
 def train_stack(
     solver: StackSolver,
     data: StackData,
@@ -144,6 +149,7 @@ def train_stack(
         if on_progress is not None:
             on_progress(start)
     any_diverged = bool(book.diverged.any())  # host copy: the per-step loop never waits on the device
+    evaluations = set(evaluation_steps(plan, config.eval_every))
 
     def evaluate(step: int, phase: str, logs: dict[str, torch.Tensor]) -> None:
         """Validation MMD of the state after `step` steps (reached in `phase`); selection, logs."""
@@ -178,7 +184,7 @@ def train_stack(
             if any_diverged:  # frozen units go back to their best state after every step
                 solver.restore_maps(book.best, book.diverged)
             done = step + 1
-            if done % config.eval_every == 0 or done == end:
+            if done in evaluations:
                 evaluate(done, phase.name, window.means())
             if checkpoint is not None and (done % config.checkpoint_every == 0 or done == plan.total):
                 _save(checkpoint, plan, solver, data, book, done, history, window)
