@@ -27,6 +27,7 @@ import yaml
 
 from engine.api import FitResult
 from engine.data import DataError, MapKey, PreparedData, read_h5ad
+from engine.rundir import RunDir
 
 COLORS = {"control": "#7f7f7f", "observed": "#1f77b4", "predicted": "#d62728"}
 
@@ -239,6 +240,23 @@ def plot_curves(metrics: pd.DataFrame, maps: list[str]) -> Any:
     return fig
 
 
+def plot_trials(metrics: pd.DataFrame, ranked: list[str]) -> Any:
+    """A search's curves: mean validation mmd over the tuning maps against steps, one line per trial
+    (the best `len(ranked)` trials of the leaderboard, best first)."""
+    plt = _pyplot()
+    valid = metrics[(metrics["split"] == "valid") & (metrics["metric"] == "mmd")]
+    curves = valid.groupby(["trial_id", "step"])["value"].mean()
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for trial in ranked:
+        if trial in curves.index.get_level_values(0):
+            ax.plot(curves.loc[trial].index, curves.loc[trial].to_numpy(), label=trial, marker=".")
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel("mean validation mmd", fontsize=8)
+    ax.legend(fontsize=6, frameon=False, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
 def _png(fig: Any, path: Path) -> str:
     """Save the figure as PNG to `path` and return it base64-encoded (then close it)."""
     buffer = io.BytesIO()
@@ -295,12 +313,15 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, store: 
     Sections: run and data summary with the config; every map's metrics beside its baselines,
     largest effect first; transport cost per map and cluster; training curves; per-map detail
     (marginals of `features`: a count of most changed features or a list of names; embeddings) for
-    the `detail` maps of largest and of smallest effect, the others listed. Returns the HTML path (default RUN_DIR/report.html).
+    the `detail` maps of largest and of smallest effect, the others listed. A search's directory (`perturbot tune --out`) gets its leaderboard and the validation
+    curves of its best trials instead. Returns the HTML path (default RUN_DIR/report.html).
     """
     for name, value in (("detail", detail), ("features", features if isinstance(features, int) else 1),
                         ("clusters", n_clusters)):
         if value < 1:
             raise DataError(f"--{name} must be >= 1, got {value}")
+    if RunDir(run_dir).exists() and RunDir(run_dir).read_info().get("kind") == "tune":
+        return _render_search(Path(run_dir), out, store)
     result = FitResult.load(run_dir, store)
     prepared = PreparedData.load(result.dir.data)
     if not result.dir.predictions.is_file():
@@ -356,8 +377,35 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, store: 
     if others:
         parts.append(f"<details><summary>{len(others)} other maps (metrics in the table above; plots with "
                      f"`engine.report` functions)</summary><p>{html.escape(', '.join(others))}</p></details>")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>perturbot {html.escape(result.run_id)}"
+    return _write_page(result.run_id, parts, Path(out) if out is not None else result.run_dir / "report.html")
+
+
+def _write_page(run_id: str, parts: list[str], path: Path) -> Path:
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>perturbot {html.escape(run_id)}"
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    path = Path(out) if out is not None else result.run_dir / "report.html"
     path.write_text(page)
     return path
+
+
+def _render_search(directory: Path, out: str | Path | None, store_url: str | None, shown: int = 10) -> Path:
+    """A Tune search's report: its leaderboard and the validation curves of its best trials."""
+    from engine.store import Store
+    from tune.results import leaderboard
+
+    info = RunDir(directory).read_info()
+    with Store(store_url or info["store"]) as store:
+        board, identity = leaderboard(store, info["run_id"])
+        metrics = store.metrics(info["run_id"])
+    plots = directory / "plots"
+    plots.mkdir(exist_ok=True)
+    best = list(board["trial_id"].head(shown))
+    parts = [
+        f"<h1>perturbot search {html.escape(info['run_id'])}</h1>",
+        f"<p>{len(board)} trials; identity's mean validation mmd over the tuning maps {identity:.4g} "
+        f"(ratio = best_mmd / identity). Best configuration: {html.escape(str(RunDir(directory).best_config))}</p>",
+        "<h2>Leaderboard</h2>",
+        f'<div class="scroll">{_table(board.astype({c: str for c in board.columns if board[c].dtype == object}))}</div>',
+        f"<h2>Validation mmd against steps, the {len(best)} best trials</h2>",
+        _image(_png(plot_trials(metrics, best), plots / "trials.png"), "trial curves"),
+    ]
+    return _write_page(info["run_id"], parts, Path(out) if out is not None else directory / "report.html")

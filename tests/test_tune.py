@@ -180,6 +180,9 @@ def test_search_with_asha_into_the_store_then_train_the_winner(ray_session, one_
     assert capsys.readouterr().out == by_dir and "8 trials" in by_dir
     assert main(["metrics", "--run", str(out), "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("rank,trial_id,status,step,best_mmd,ratio")
+    assert main(["report", "--run", str(out)]) == 0  # a search's report: leaderboard and trial curves
+    page = (out / "report.html").read_text()
+    assert "Leaderboard" in page and page.count("data:image/png;base64,") == 1 and best["trial_id"] in page
     store.close()
 
 

@@ -6,7 +6,7 @@ Mathematical properties with explicit tolerances (STYLE.md):
 - its dual value approaches POT's exact W1 (Euclidean cost) on small 2-D samples (5%);
 - stacked training equals training each map alone (float64 free runs, both phases);
 - a checkpoint taken inside the cosine-annealed potential phase resumes to the straight run;
-- through the CLI with default settings, the "bookshelf" toy of the paper keeps the order of the
+- through the CLI with default settings (slow), the "bookshelf" toy of the paper keeps the order of the
   points (Spearman >= 0.99), and its concentric circles map inner ring to inner ring (95%).
 Contract properties (save/load, divergence, selection) come from tests/test_solver_contract.py.
 """
@@ -289,6 +289,7 @@ def _toys(n: int = 400, seed: int = 0) -> ad.AnnData:
     return ad.AnnData(X=np.concatenate([x for *_, x in parts]).astype(np.float32), obs=obs)
 
 
+@pytest.mark.slow  # 2000 steps through Ray: about a minute
 def test_toys_through_the_cli_with_default_settings(ray_session, tmp_path: Path):
     """The paper's toys, trained by `perturbot train --solver w1ot` with every default (2000 steps: 1000
     potential, 1000 step size), then every source cell predicted by `perturbot predict`:
