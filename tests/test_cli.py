@@ -167,6 +167,7 @@ def test_demo_metrics_and_predict(demo_run, tmp_path, capsys):
     assert predict(g0, "--groups", "g7")[0] == 2
 
 
+@pytest.mark.slow  # a Ray fit of its own (~30 s); the split itself is tested in test_data
 def test_select_on_test_keeps_cellots_protocol_and_says_so(ray_session, h5ad, tmp_path, capsys):
     """--select-on test: no valid split, the selection rows are named valid_test, the config records it."""
     from engine.api import FitResult

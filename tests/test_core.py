@@ -358,6 +358,7 @@ def cellot_l2_uvp(init: str, steps: int, contracting: bool = False, **params) ->
     return start, l2_uvp(solver, fresh, true_a, true_b, cov_t).item()
 
 
+@pytest.mark.slow  # 500 min-max steps: ~30 s; the ground-truth test covers learning in the default suite
 def test_identity_init_cellot_500_steps_cuts_l2_uvp_fivefold():
     """Identity-init CellOT, published min-max at lr 1e-4: after 500 outer steps L2-UVP < start / 5
     (measured here: 160% -> 22..25% over four sampler seeds)."""
