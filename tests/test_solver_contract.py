@@ -47,6 +47,7 @@ CPU = torch.device("cpu")
 TRAINABLE = sorted(n for n, c in SOLVERS.items() if c.trainable)
 # Options that make a registered solver fast enough here; a solver not listed runs with its defaults.
 FAST: dict[str, dict[str, Any]] = {"cellot": {"inner_steps": 2, "hidden": [16, 16]},
+                                   "condot": {"inner_steps": 2, "hidden": [16, 16]},
                                    "w1ot": {"hidden": [16, 16], "step_hidden": [16, 16]}}
 
 

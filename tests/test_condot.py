@@ -1,0 +1,109 @@
+"""CondOT (engine.solvers.condot) and its PICNN (engine.nn.picnn): convexity, the initialisation per
+training context, contexts from obs keys, held-out contexts. The solver-contract tests
+(tests/test_solver_contract.py) also run on condot, as on every registered solver."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.nn.picnn import StackedPICNN
+from engine.ot.gaussian import bures_map, gaussian_moments
+from engine.solvers import build_solver
+from engine.train.stack_data import StackData
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def random_picnn(seed: int, n_models: int = 2, dim: int = 3, context_dim: int = 2, j: int = 3) -> StackedPICNN:
+    """A PICNN with every parameter and buffer random (A_j PSD), far from its initialisation."""
+    gen = torch.Generator().manual_seed(seed)
+    net = StackedPICNN(n_models, dim, context_dim, j, hidden=(8, 8)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        root = torch.randn(n_models, j, dim, dim, generator=gen, dtype=torch.float64)
+        net.matrices.copy_(root @ root.transpose(-1, -2))
+        net.centers.copy_(torch.randn(net.centers.shape, generator=gen, dtype=torch.float64))
+    return net
+
+
+def midpoint_gaps(net: StackedPICNN, seed: int, n: int = 4000, vary: str = "x") -> torch.Tensor:
+    """psi(mid) - (psi(a) + psi(b)) / 2 over random pairs differing in x (context fixed) or in c
+    (x fixed); convexity in that argument means every gap <= 0."""
+    gen = torch.Generator().manual_seed(seed)
+    m, d, q = net.matrices.shape[0], net.matrices.shape[-1], net.modulator.weight.shape[1]
+    x0, x1 = (3 * torch.randn(m, n, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    c0, c1 = (2 * torch.randn(m, n, q, generator=gen, dtype=torch.float64) for _ in range(2))
+    if vary == "x":
+        c1 = c0
+    else:
+        x1 = x0
+    return net((x0 + x1) / 2, (c0 + c1) / 2) - (net(x0, c0) + net(x1, c1)) / 2
+
+
+def test_picnn_is_convex_in_x_for_any_fixed_context():
+    """Random PICNNs (3 seeds x 2 stacked models, every weight N(0, 1)) with W^z clamped >= 0:
+    psi(., c) is midpoint-convex on 4000 random pairs per model (gap <= 1e-9 relative to the
+    values); in the context it is not (some gap > 0), and without the clamp convexity in x fails."""
+    for seed in range(3):
+        net = random_picnn(seed)
+        unclamped = midpoint_gaps(net, seed)
+        net.clamp_hidden_weights()
+        gaps = midpoint_gaps(net, seed)
+        assert gaps.max().item() <= 1e-9 * (1 + gaps.abs().max().item()), f"seed {seed}: not convex in x"
+        assert midpoint_gaps(net, seed, vary="c").max().item() > 0, "a convex-in-c network would not test much"
+        assert unclamped.max().item() > 0, "negative W^z should break convexity somewhere"
+
+
+def gaussian_contexts(dim: int = 4, n: int = 3000, seed: int = 0) -> tuple[list, list, np.ndarray]:
+    """Source N(0, I) (shared) and one target Gaussian per context (its own mean and covariance);
+    contexts: doses on a log scale (scalars 0.25 .. 1)."""
+    rng = np.random.default_rng(seed)
+    source = rng.normal(size=(n, dim)).astype(np.float32)
+    targets = []
+    for j in range(4):
+        a = np.eye(dim) + 0.3 * rng.normal(size=(dim, dim))
+        targets.append((rng.normal(size=dim) * 2 + rng.normal(size=(n, dim)) @ a).astype(np.float32))
+    return [source] * 4, targets, np.array([[0.25], [0.5], [0.75], [1.0]], np.float32)
+
+
+def condot_at_init(init: str = "gaussian") -> tuple[StackData, object]:
+    sources, targets, contexts = gaussian_contexts()
+    data = StackData(sources, targets, sources, targets, seeds=[1, 2, 3, 4], batch_size=64, contexts=contexts)
+    solver = build_solver("condot", 4, 4, {"hidden": [16, 16], "init": init}, context_dim=1)
+    solver.initialize(data, [7])
+    return data, solver
+
+
+def test_gaussian_init_maps_each_training_context_to_its_target_fit():
+    """At step 0, for each of 4 training contexts, grad_x g(., c_j) is the Bures map of context j:
+    within 1e-3 of it on every source cell (the softmax leak, e^-10 per other context); the mapped
+    source has the target's mean within 1e-3 and covariance within 0.05 (Frobenius; the Bures map
+    matches the fits with a 1e-2 ridge) of that context's target fit."""
+    data, solver = condot_at_init()
+    x = data.source.of_map(0).double()
+    moved = solver.double().transport(x.expand(4, -1, -1), data.contexts.double()).cells
+    for j in range(4):
+        target = data.target.of_map(j).double()
+        a, b = bures_map(*gaussian_moments(x), *gaussian_moments(target))
+        assert (moved[j] - (x @ a + b)).abs().max().item() < 1e-3
+        mean, cov = gaussian_moments(moved[j], 0.0)
+        mean_t, cov_t = gaussian_moments(target, 0.0)
+        assert (mean - mean_t).norm().item() < 1e-3
+        assert (cov - cov_t).norm().item() < 0.05 * max(1.0, cov_t.norm().item()) and (cov - cov_t).norm().item() < 0.05
+
+
+def test_identity_init_and_unseen_contexts_mix_their_neighbours():
+    """identity init: T(x, c) = x for every context (1e-6). gaussian init: a context halfway between
+    two training contexts gets the mean of their two Bures maps (the softmax weighs the two equally
+    and the others by e^-40 at most), so an unseen dose starts between its neighbours."""
+    data, solver = condot_at_init("identity")
+    x = data.source.of_map(0)[:500]
+    moved = solver.transport(x.expand(4, -1, -1), data.contexts).cells
+    assert (moved - x).abs().max().item() < 1e-6
+    data, solver = condot_at_init("gaussian")
+    halfway = torch.tensor([[0.625]])
+    mixed = solver.transport(x.unsqueeze(0), halfway).cells[0]
+    neighbours = solver.transport(x.expand(2, -1, -1), data.contexts[1:3]).cells
+    assert (mixed - neighbours.mean(0)).abs().max().item() < 1e-3
