@@ -19,9 +19,11 @@ from typing import Any, Callable, Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import torch
 
 from engine.config import RunConfig
 from engine.data import DataError, MapKey, PreparedData, prepare, read_h5ad
+from engine.data.contexts import context_map, map_contexts
 from engine.rundir import RunDir, default_run_dir
 from engine.store import Store
 from engine.train.evaluation import BASELINE_MAPS, evaluate_maps, metric_rows
@@ -92,10 +94,16 @@ class FitResult:
     def _saved(self) -> tuple[PreparedData, list[SavedMaps]]:
         return PreparedData.load(self.dir.data), [SavedMaps(path) for path in self.dir.saved_maps()]
 
-    def predict(self, adata: ad.AnnData, perturbations: list[str] | None = None) -> ad.AnnData:
-        """Map every cell of `adata` (control cells) through each trained map, or the maps named."""
+    def predict(self, adata: ad.AnnData, perturbations: list[str] | None = None,
+                context: dict[str, str] | None = None) -> ad.AnnData:
+        """Map every cell of `adata` (control cells) through each trained map, or the maps named, or
+        (a conditional run) through the map of `context`, e.g. {"dose": "3000"}: a label per context
+        key, unseen values included."""
         prepared, stacks = self._saved()
         x = prepared.encode_controls(adata).astype(np.float32)
+        sources = list(map(str, adata.obs_names))
+        if context is not None:
+            return self._predict_context(prepared, stacks, x, sources, context)
         known = {k.name: k for k in prepared.maps}
         wanted = set(perturbations or known)
         unknown = sorted(wanted - set(known))
@@ -108,10 +116,21 @@ class FitResult:
                 if name in wanted:
                     if prepared.embedding is not None:
                         cells = prepared.embedding.decode(cells)
-                    parts.append(prediction_frame(prepared, known[name], cells, weights, list(map(str, adata.obs_names))))
+                    parts.append(prediction_frame(prepared, known[name], cells, weights, sources))
         if not parts:
             raise DataError(f"none of the requested maps were trained in {self.run_dir}")
         return ad.concat(parts)
+
+    def _predict_context(self, prepared: PreparedData, stacks: list[SavedMaps], x: np.ndarray, sources: list[str],
+                         context: dict[str, str]) -> ad.AnnData:
+        if not stacks or not stacks[0].solver.shared:
+            raise DataError(f"--context needs a conditional run (condot); {self.run_dir} has one map per perturbation")
+        key = context_map(prepared.spec, prepared.maps, context)
+        vector = torch.from_numpy(map_contexts(prepared.spec, prepared.maps, [key]))
+        ((cells, weights),) = predict_cells(stacks[0].solver, [x], stacks[0].device, vector)
+        if prepared.embedding is not None:
+            cells = prepared.embedding.decode(cells)
+        return prediction_frame(prepared, key, cells, weights, sources)
 
     def evaluate(self, bootstrap: int = 0, markers: int | None = None, sinkhorn: bool = False) -> int:
         """Score the saved maps again on their test cells (e.g. with bootstrap); rows to the store.
@@ -225,6 +244,8 @@ def fit(
     embed: str | None = None,
     obsm_key: str | None = None,
     select_on: str | None = None,
+    context_keys: list[str] | None = None,
+    embeddings: list[str] | None = None,
     steps: int | None = None,
     seed: int | None = None,
     device: str | None = None,
@@ -242,6 +263,7 @@ def fit(
     `config` is a YAML file (sections data, solver, train, cluster) and `overrides` are `--set`
     style `section.key=value` strings; keyword arguments left at None take the file's value or the
     default (RunConfig.resolve). condition_key and control are required unless the file gives them.
+    context_keys / embeddings: a conditional solver's contexts (["dose"], ["dose=log"]; engine.data.contexts).
     """
     adata = data if isinstance(data, ad.AnnData) else None
     resolved = RunConfig.resolve(
@@ -249,7 +271,8 @@ def fit(
         dataset="<in-memory AnnData>" if adata is not None else str(data),
         condition_key=condition_key, control=control, solver=solver, perturbations=perturbations,
         split_by=split_by, holdout=holdout, preprocess=preprocess, embed=embed, obsm_key=obsm_key,
-        select_on=select_on, steps=steps, seed=seed, device=device, solver_params=solver_params,
+        select_on=select_on, context_keys=context_keys, embeddings=embeddings, steps=steps, seed=seed,
+        device=device, solver_params=solver_params,
         train_params=train, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
     )
     return run(resolved, out if out is not None else default_run_dir(), store, adata, on_progress)

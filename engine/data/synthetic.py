@@ -148,3 +148,24 @@ def make_known_maps(dim: int, n_maps: int = 3, clusters: int = 4, strength: floa
     anchors = np.stack([draft.sample_source(dim, rng) for _ in range(n_maps)])  # o_j: source cells
     offsets = np.einsum("kjd,kjd->kj", normals, anchors)
     return KnownMaps(means, rng.normal(0.0, 1.0, (n_maps, dim)), normals, offsets, strength, tau)
+
+
+def make_dose_response(
+    doses: Sequence[float] = (10, 100, 1000, 10000),
+    dim: int = 5,
+    n_cells: int = 600,
+    shift: float = 1.0,
+    seed: int = 0,
+) -> ad.AnnData:
+    """A dose response (CondOT's setting, Bunne et al. 2022): control cells ~ N(0, Sigma); at dose D
+    the cells are N(shift * log10(D) * e, Sigma), e a fixed unit direction, so the effect grows
+    with log-dose. obs["dose"]: "0" for the control, else the dose as written (e.g. "1000")."""
+    rng = np.random.default_rng(seed)
+    root = np.eye(dim) + 0.2 * rng.normal(size=(dim, dim))
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    labels = ["0", *(f"{d:g}" for d in doses)]
+    means = [np.zeros(dim), *(shift * np.log10(d) * direction for d in doses)]
+    x = np.concatenate([mean + rng.normal(size=(n_cells, dim)) @ root for mean in means]).astype(np.float32)
+    obs = pd.DataFrame({"dose": np.repeat(labels, n_cells)}, index=[f"cell{i}" for i in range(len(x))])
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"f{i}" for i in range(dim)]))

@@ -17,11 +17,12 @@ import torch
 
 from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
+from engine.data.contexts import map_contexts
 from engine.rundir import RunDir
 from engine.train.evaluation import evaluate_maps, metric_rows
 from engine.train.loop import train_stack
 from engine.train.saved_maps import save_maps
-from engine.train.stack import new_solver, stack_data, stack_id, stacks_of
+from engine.train.stack import new_solver, stack_data, stack_id, stacks_of, trained_maps
 
 PROGRESS_EVERY = 50  # steps between progress reports
 
@@ -66,8 +67,9 @@ def train_maps(run: MapRun, keys: list[MapKey]) -> None:
 
 def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
     config, reporter = run.config, run.reporter
+    trained = trained_maps(run.prepared, keys)  # all but a shared model's held-out contexts
     data = stack_data(run.prepared, keys, config, run.device)
-    solver = new_solver(config, data, keys, run.device)
+    solver = new_solver(config, data, run.device)
     reporter.maps(run.map_rows(keys, "running"))
     total = solver.plan(solver.config, config.train.steps).total
     select_split = "valid" if run.prepared.spec.select_on == "valid" else "valid_test"
@@ -78,7 +80,7 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
                 {"run_id": run.run_id, "perturbation": key.name, "split": select_split if name == "mmd" else "train",
                  "metric": name, "value": float(values[k]), "step": step}
                 for name, values in ((n, v.detach().cpu()) for n, v in row.items())
-                for k, key in enumerate(keys)
+                for k, key in enumerate(trained)
             ]
         )
 
@@ -89,7 +91,7 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
     outcome = train_stack(solver, data, config.train, checkpoint=run.run_dir.train_checkpoint(stack),
                           on_eval=on_eval, on_progress=on_progress)
     reporter.metrics([{"run_id": run.run_id, "perturbation": k.name, "split": "train", "metric": "train_seconds",
-                       "value": outcome.seconds, "step": outcome.steps} for k in keys])
+                       "value": outcome.seconds, "step": outcome.steps} for k in trained])
     records: dict[str, np.ndarray] = {}
     evaluated = evaluate_maps(run.prepared, keys, solver, data, config.train.seed)
     for k, (key, (rows, cells, weights)) in enumerate(zip(keys, evaluated)):
@@ -101,8 +103,10 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, maps=np.array([k.name for k in keys]), **records)
     path = run.run_dir.maps_file(stack)  # written last: its presence marks the stack done
-    save_maps(path, solver, keys, data.contexts, config.to_dict())
-    for i, key in enumerate(keys):
+    contexts = torch.from_numpy(map_contexts(run.prepared.spec, run.prepared.maps, keys))
+    save_maps(path, solver, keys, contexts, config.to_dict())
+    for key in keys:
+        i = trained.index(key) if key in trained else 0  # a held-out context: the shared model's outcome
         status = "diverged" if outcome.diverged[i] else "trained"
         reporter.maps(run.map_rows([key], status, steps=outcome.steps, best_step=outcome.best_step[i], checkpoint=str(path)))
     reporter.progress(stack, total, total)
