@@ -197,3 +197,46 @@ def test_held_out_dose_beats_identity_and_the_nearest_seen_doses(tmp_path, steps
         neighbours.append(next(r.value for r in rows if r.split == "test" and r.metric == "mmd"))
     print("dose 1000 mmd:", final, "CondOT at doses 100, 10000:", neighbours)
     assert final["test"] < min(neighbours)
+
+
+def test_cli_train_condot_with_a_held_out_dose_and_predict_any_dose(ray_session, tmp_path, capsys):
+    """The CLI end to end on the local Ray: `train --solver condot --context-keys dose --embedding
+    dose=log --holdout dose=1000` stores test rows for all four doses (the held-out one included) and
+    `predict --context dose=3000` maps controls to a dose never seen in any form (its mean shift lies
+    between those of 1000 and 10000; nearer 10000's, the nearest training context in log-dose, whose
+    quadratic the softmax picks); a context key with a per-map solver, or a bad --context, is exit 2."""
+    import anndata as ad
+
+    from engine.api import FitResult
+    from engine.cli import main
+    from engine.data import make_dose_response
+
+    data = tmp_path / "dose.h5ad"
+    adata = make_dose_response(n_cells=300)
+    adata.write_h5ad(data)
+    out = tmp_path / "run"
+    base = ["train", "--data", str(data), "--condition-key", "dose", "--control", "0", "--context-keys", "dose",
+            "--embedding", "dose=log", "--holdout", "dose=1000", "--steps", "10"]
+    assert main(base + ["--solver", "condot", "--set", "solver.inner_steps=1", "--set", "solver.hidden=[8]",
+                        "--out", str(out)]) == 0
+    final = FitResult.load(out).summary("mmd").set_index("perturbation")
+    assert sorted(final.index) == ["10", "100", "1000", "10000"]
+    assert (final["model"] < final["identity"]).all()
+    controls = tmp_path / "controls.h5ad"
+    adata[adata.obs["dose"] == "0"][:200].write_h5ad(controls)
+    shifts = {}
+    for dose in ("1000", "3000", "10000"):
+        capsys.readouterr()
+        assert main(["predict", "--run", str(out), "--data", str(controls), "--context", f"dose={dose}",
+                     "--out", str(tmp_path / f"p{dose}.h5ad")]) == 0
+        predicted = ad.read_h5ad(tmp_path / f"p{dose}.h5ad")
+        assert predicted.n_obs == 200 and set(predicted.obs["perturbation"]) == {dose}
+        shifts[dose] = np.linalg.norm(predicted.X.mean(0) - adata[adata.obs["dose"] == "0"][:200].X.mean(0))
+    assert shifts["1000"] < shifts["3000"] <= shifts["10000"] + 1e-4
+    for argv in (base + ["--solver", "cellot", "--out", str(tmp_path / "no")],
+                 ["predict", "--run", str(out), "--data", str(controls), "--context", "donor=3",
+                  "--out", str(tmp_path / "x.h5ad")]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("perturbot: error:"), err

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.nn.stacked import StackedLinear
+from engine.nn.stacked import ConvexPath, StackedLinear
 
 
 class PICNNLayer(nn.Module):
@@ -49,7 +49,7 @@ class PICNNLayer(nn.Module):
         return self.z(z * F.relu(self.gate(u))) + self.x(x * self.x_gate(u)) + self.u(u)
 
 
-class StackedPICNN(nn.Module):
+class StackedPICNN(ConvexPath):
     """M potentials psi_m(x, c), convex in x; J fixed quadratics feed z_0 (one per training context)."""
 
     def __init__(
@@ -136,14 +136,5 @@ class StackedPICNN(nn.Module):
         self.centers.copy_(centers.to(self.centers).expand_as(self.centers))
 
     def _hidden_path(self) -> list[torch.Tensor]:
+        """The weights that must stay >= 0 for convexity in x: W^z_k."""
         return [layer.z.weight for layer in self.layers]
-
-    @torch.no_grad()
-    def clamp_hidden_weights(self) -> None:
-        """Project onto the convex set: W^z_k <- max(W^z_k, 0)."""
-        for weight in self._hidden_path():
-            weight.clamp_(min=0)
-
-    def negative_weight_penalty(self) -> torch.Tensor:
-        """Per-model sum_k ||relu(-W^z_k)||_F [M] (CellOT's penalty on g)."""
-        return sum(F.relu(-weight).flatten(1).norm(dim=1) for weight in self._hidden_path())
