@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", add_help=False,
                        help="benchmarks (JSON out): stacked vs one-at-a-time (`bench --help`), 1 vs 2 Ray workers "
                             "(`bench workers`), data preparation (`bench data_prep`), W2 solvers against known maps "
-                            "(`bench ground_truth`), per-iteration speed of the solvers (`bench solvers`)")
+                            "(`bench ground_truth`), per-iteration speed of the solvers (`bench solvers`), CondOT's "
+                            "contexts per step (`bench condot`)")
     p.set_defaults(func=cmd_bench)
     return parser
 
