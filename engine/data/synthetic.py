@@ -169,3 +169,19 @@ def make_dose_response(
     x = np.concatenate([mean + rng.normal(size=(n_cells, dim)) @ root for mean in means]).astype(np.float32)
     obs = pd.DataFrame({"dose": np.repeat(labels, n_cells)}, index=[f"cell{i}" for i in range(len(x))])
     return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"f{i}" for i in range(dim)]))
+
+
+def make_combinations(
+    parts: Sequence[str] = ("A", "B", "C"), dim: int = 5, n_cells: int = 600, size: float = 2.0, seed: int = 0
+) -> ad.AnnData:
+    """Combinations with additive effects: control cells ~ N(0, Sigma); perturbation P shifts them by
+    size * e_P (orthonormal directions), a pair "P+Q" by size * (e_P + e_Q). obs["condition"]:
+    "control", every part and every pair of parts (e.g. "A+B")."""
+    rng = np.random.default_rng(seed)
+    root = np.eye(dim) + 0.2 * rng.normal(size=(dim, dim))
+    directions = dict(zip(parts, np.linalg.qr(rng.normal(size=(dim, len(parts))))[0].T))
+    labels = [CONTROL, *parts, *(f"{p}+{q}" for i, p in enumerate(parts) for q in parts[i + 1 :])]
+    means = [np.zeros(dim) if label == CONTROL else size * sum(directions[p] for p in label.split("+")) for label in labels]
+    x = np.concatenate([mean + rng.normal(size=(n_cells, dim)) @ root for mean in means]).astype(np.float32)
+    obs = pd.DataFrame({"condition": np.repeat(labels, n_cells)}, index=[f"cell{i}" for i in range(len(x))])
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"f{i}" for i in range(dim)]))
