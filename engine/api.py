@@ -21,9 +21,11 @@ from typing import Any, Callable, Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import torch
 
 from engine.config import RunConfig
 from engine.data import DataError, MapKey, PreparedData, prepare, read_h5ad
+from engine.data.contexts import context_map, map_contexts
 from engine.progress import ProgressBar, ProgressFn
 from engine.rundir import RunDir, default_run_dir
 from engine.store import Store
@@ -97,19 +99,23 @@ class FitResult:
         return PreparedData.load(self.dir.data), [SavedMaps(path) for path in self.dir.saved_maps()]
 
     def predict(self, adata: ad.AnnData, perturbations: list[str] | None = None, groups: list[str] | None = None,
-                on_note: Callable[[str], None] | None = None) -> ad.AnnData:
+                on_note: Callable[[str], None] | None = None, context: dict[str, str] | None = None) -> ad.AnnData:
         """Predict perturbed cells from the control cells of `adata`, without retraining.
 
         Which maps see which cells: when the run was split by a key (`--split-by`) that `adata.obs`
         also has, each cell goes through the maps of its own group; `groups` sends every cell through
         those groups' maps instead; otherwise every cell goes through every map. `perturbations`
-        (map names) narrows the maps. The rows carry the source cell's obs columns (a clashing
+        (map names) narrows the maps. A conditional run (condot) predicts any `context` instead, e.g.
+        {"dose": "3000"} (a label per context key, unseen values included): every cell through that
+        one map. The rows carry the source cell's obs columns (a clashing
         name gets a "source_" prefix), `uns['perturbot']` the run id, solver and config. `on_note`
         (default: warnings.warn) hears about cells that are not controls or that no map takes.
         """
         note = on_note or (lambda message: warnings.warn(message, stacklevel=3))
         prepared, stacks = self._saved()
         spec = prepared.spec
+        if context is not None and (perturbations or groups):
+            raise DataError("--context names the one map to predict; give it without --perturbations or --groups")
         known = {k.name: k for k in prepared.maps}
         wanted = set(perturbations or known)
         unknown = sorted(wanted - set(known))
@@ -121,22 +127,31 @@ class FitResult:
                 note(f"{treated} of {adata.n_obs} input cells are not controls (obs[{spec.condition_key!r}] != "
                      f"{spec.control!r}); they are mapped as if they were")
         x = prepared.encode_controls(adata).astype(np.float32)
-        cells_of = self._cells_per_group(adata, prepared, groups, wanted, known, note)
         source_obs = adata.obs.rename(columns=lambda c: f"source_{c}" if c in PREDICTION_COLUMNS else c)
+
+        def with_source(key: MapKey, cells: np.ndarray, weights: np.ndarray | None, rows: np.ndarray) -> ad.AnnData:
+            """One map's predicted cells (decoded to data space) with their source cells' obs."""
+            if prepared.embedding is not None:
+                cells = prepared.embedding.decode(cells)
+            frame = prediction_frame(prepared, key, cells, weights, list(map(str, adata.obs_names[rows])))
+            frame.obs = frame.obs.join(source_obs.iloc[rows].set_index(frame.obs.index))
+            return frame
+
         parts = []
-        for saved in stacks:
-            rows_of = [cells_of(known[n]) if n in wanted else np.arange(0) for n in saved.names]
-            if not any(len(rows) for rows in rows_of):
-                continue
-            predicted = predict_cells(saved.solver, [x[rows] for rows in rows_of], saved.device, saved.contexts)
-            for name, rows, (cells, weights) in zip(saved.names, rows_of, predicted):
-                if not len(rows):
+        if context is not None:
+            key, vector = self._context_map(prepared, stacks, context)
+            ((cells, weights),) = predict_cells(stacks[0].solver, [x], stacks[0].device, vector)
+            parts.append(with_source(key, cells, weights, np.arange(adata.n_obs)))
+        else:
+            cells_of = self._cells_per_group(adata, prepared, groups, wanted, known, note)
+            for saved in stacks:
+                rows_of = [cells_of(known[n]) if n in wanted else np.arange(0) for n in saved.names]
+                if not any(len(rows) for rows in rows_of):
                     continue
-                if prepared.embedding is not None:
-                    cells = prepared.embedding.decode(cells)
-                frame = prediction_frame(prepared, known[name], cells, weights, list(map(str, adata.obs_names[rows])))
-                frame.obs = frame.obs.join(source_obs.iloc[rows].set_index(frame.obs.index))
-                parts.append(frame)
+                predicted = predict_cells(saved.solver, [x[rows] for rows in rows_of], saved.device, saved.contexts)
+                for name, rows, (cells, weights) in zip(saved.names, rows_of, predicted):
+                    if len(rows):
+                        parts.append(with_source(known[name], cells, weights, rows))
         if not parts:
             raise DataError(f"no cell of the input goes through a requested map of {self.run_dir}")
         predicted = ad.concat(parts)
@@ -172,6 +187,14 @@ class FitResult:
         """What a prediction file records of its run (AnnData uns['perturbot'])."""
         return {"run_id": self.run_id, "solver": self.config.solver, "run_dir": str(self.run_dir),
                 "config_json": json.dumps(self.config.to_dict())}
+
+    def _context_map(self, prepared: PreparedData, stacks: list[SavedMaps],
+                     context: dict[str, str]) -> tuple[MapKey, torch.Tensor]:
+        """The map of a conditional run's `context` (see `predict`) and its context vector [1, c]."""
+        if not stacks or not stacks[0].solver.shared:
+            raise DataError(f"--context needs a conditional run (condot); {self.run_dir} has one map per perturbation")
+        key = context_map(prepared.spec, prepared.maps, context)
+        return key, torch.from_numpy(map_contexts(prepared.spec, prepared.maps, [key]))
 
     def evaluate(self, bootstrap: int = 0, markers: int | None = None, sinkhorn: bool = False) -> int:
         """Score the saved maps again on their test cells (e.g. with bootstrap); rows to the store.
@@ -361,6 +384,8 @@ def fit(
     embed: str | None = None,
     obsm_key: str | None = None,
     select_on: str | None = None,
+    context_keys: list[str] | None = None,
+    embeddings: list[str] | None = None,
     steps: int | None = None,
     seed: int | None = None,
     device: str | None = None,
@@ -385,6 +410,7 @@ def fit(
     storage: a path every Ray node sees for what workers write (default `out`; see engine.rundir).
     Progress: a live bar on stderr (engine.progress.ProgressBar, as the CLI's), or each
     RunProgress to `on_progress` instead; progress=False shows nothing.
+    context_keys / embeddings: a conditional solver's contexts (["dose"], ["dose=log"]; engine.data.contexts).
     """
     adata = data if isinstance(data, ad.AnnData) else None
     resolved = RunConfig.resolve(
@@ -392,7 +418,8 @@ def fit(
         dataset="<in-memory AnnData>" if adata is not None else str(data),
         condition_key=condition_key, control=control, solver=solver, perturbations=perturbations,
         split_by=split_by, holdout=holdout, preprocess=preprocess, hvg=hvg, embed=embed, obsm_key=obsm_key,
-        select_on=select_on, steps=steps, seed=seed, device=device, solver_params=solver_params,
+        select_on=select_on, context_keys=context_keys, embeddings=embeddings, steps=steps, seed=seed,
+        device=device, solver_params=solver_params,
         train_params=train, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
     )
     bar = ProgressBar(f"training {resolved.solver}") if progress and on_progress is None else None

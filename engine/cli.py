@@ -29,7 +29,13 @@ def _data_args(p: argparse.ArgumentParser, perturbations_help: str, with_data: b
         p.add_argument("--control", help="control label in that column (or data.control)")
         p.add_argument("--perturbations", help=perturbations_help)
     p.add_argument("--split-by", help="obs key: one map per (group, perturbation), controls from the same group")
-    p.add_argument("--holdout", metavar="KEY=VALUE", help="cells with obs[KEY]==VALUE form the test split (o.o.s.)")
+    p.add_argument("--holdout", metavar="KEY=VALUE", help="cells with obs[KEY]==VALUE form the test split (o.o.s.); "
+                   "with --context-keys a context whose cells are all held out is not trained on, only evaluated")
+    p.add_argument("--context-keys", metavar="KEY[,KEY]",
+                   help="condot: what the map is conditioned on, the condition key and/or the split-by key")
+    p.add_argument("--embedding", action="append", default=[], metavar="KEY=onehot|value|log",
+                   help="embedding of a context key (default onehot; 'A+B' labels are multi-hot); value: the "
+                        "label as a number, scaled; log: log10 of it, scaled")
     p.add_argument("--preprocess", choices=PREPROCESSING, help="default none")
     p.add_argument("--hvg", type=int, metavar="N",
                    help="keep the N most highly variable features (Seurat dispersion on log1p expression, "
@@ -72,22 +78,26 @@ def _train_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
 
 
+def _key_value(item: str, option: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise DataError(f"{option} expects KEY=VALUE, got {item!r}")
+    return key, value
+
+
 def _resolve_config(args: argparse.Namespace, dataset: str | None, condition_key: str | None, control: str | None,
                     perturbations: str | None, split_by: str | None) -> Any:
     from engine.config import RunConfig
 
-    holdout = None
-    if args.holdout:
-        key, sep, value = args.holdout.partition("=")
-        if not sep:
-            raise DataError(f"--holdout expects KEY=VALUE, got {args.holdout!r}")
-        holdout = [key, value]
+    holdout = list(_key_value(args.holdout, "--holdout")) if args.holdout else None
     wanted = None if perturbations in (None, "all") else [p.strip() for p in perturbations.split(",") if p.strip()]
     return RunConfig.resolve(
         args.config, args.set, dataset=dataset, condition_key=condition_key, control=control,
         perturbations=wanted, split_by=split_by, holdout=holdout, preprocess=args.preprocess, hvg=args.hvg,
         embed=args.embed,
         obsm_key=args.obsm_key, select_on=args.select_on, seed=args.seed, solver=args.solver,
+        context_keys=[k.strip() for k in args.context_keys.split(",") if k.strip()] if args.context_keys else None,
+        embeddings=args.embedding or None,
         published=args.published or None, steps=args.steps, device=getattr(args, "device", None),
         address=args.address, workers=getattr(args, "workers", None),
         gpus_per_worker=getattr(args, "gpus_per_worker", None),
@@ -206,8 +216,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = _open_run(args.run, args.store)
     wanted = [p.strip() for p in args.perturbations.split(",")] if args.perturbations else None
     groups = [g.strip() for g in args.groups.split(",")] if args.groups else None
+    context = dict(_key_value(item, "--context") for item in args.context) if args.context else None
     adata = read_h5ad(args.data)
-    predicted = result.predict(adata, wanted, groups, on_note=lambda m: print(f"perturbot: note: {m}", file=sys.stderr))
+    predicted = result.predict(adata, wanted, groups, context=context,
+                               on_note=lambda m: print(f"perturbot: note: {m}", file=sys.stderr))
     predicted.write_h5ad(args.out)
     obs = predicted.obs
     n_maps = len(obs.groupby(["group", "perturbation"] if "group" in obs else ["perturbation"], observed=True))
@@ -387,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturbations", help="comma-separated map names (default: all)")
     p.add_argument("--groups", help="send every cell through these groups' maps (default: each cell through its own "
                                     "group's maps when obs has the run's --split-by key, else through all)")
+    p.add_argument("--context", action="append", metavar="KEY=VALUE",
+                   help="condot: predict this context instead of the run's maps (one per context key, e.g. "
+                        "--context dose=3000; unseen values and 'A+B' combinations of seen parts work)")
     p.add_argument("--out", required=True, type=Path, help="output .h5ad")
     p.add_argument("--store")
     p.set_defaults(func=cmd_predict)
@@ -437,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="benchmarks (JSON out): stacked vs one-at-a-time (`bench --help`), 1 vs 2 Ray workers "
                             "(`bench workers`), data preparation (`bench data_prep`), W2 solvers against known maps "
                             "(`bench ground_truth`), per-iteration speed of the solvers (`bench solvers`), "
-                            "Sinkhorn against POT (`bench sinkhorn`), per-trial overhead of a search (`bench tune_overhead`)")
+                            "Sinkhorn against POT (`bench sinkhorn`), per-trial overhead of a search (`bench tune_overhead`), "
+                            "CondOT's contexts per step (`bench condot`)")
     p.set_defaults(func=cmd_bench)
     return parser
 

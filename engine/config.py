@@ -22,7 +22,7 @@ from engine.train.loop import TrainConfig
 
 SECTIONS = ("dataset", "data", "solver", "train", "cluster")
 DATA_FLAGS = ("condition_key", "control", "perturbations", "split_by", "holdout", "preprocess", "hvg", "embed",
-              "obsm_key", "select_on")
+              "obsm_key", "select_on", "context_keys", "embeddings")
 TRAIN_FLAGS = ("steps", "device")
 CLUSTER_FLAGS = ("address", "workers", "gpus_per_worker")
 
@@ -51,6 +51,9 @@ class RunConfig:
         self.solver_config()  # fail early on an unknown solver or bad options
         if self.train.steps < 1:
             raise DataError(f"train.steps must be >= 1 (an untrained map is not a result), got {self.train.steps}")
+        if self.data.context_keys and not self.solver_cls.shared:
+            raise DataError(f"context keys are for a conditional solver (condot); {self.solver} trains one map per "
+                            "perturbation and ignores them")
         if parse_device(self.train.device)[0] == "cpu" and self.cluster.gpus_per_worker > 0:
             raise DataError(f"device cpu contradicts gpus_per_worker={self.cluster.gpus_per_worker}")
 

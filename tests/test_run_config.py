@@ -10,7 +10,8 @@ import yaml
 from engine.config import RunConfig
 from engine.data import DataError, DataSpec, make_synthetic, prepare
 from engine.train.device import resolve_device
-from engine.train.stack import map_contexts, stack_data
+from engine.data.contexts import map_contexts
+from engine.train.stack import stack_data
 
 
 def test_resolve_layers_file_then_flags_then_overrides(tmp_path):
@@ -133,6 +134,7 @@ def test_map_contexts_are_multi_hot_and_independent_of_the_stack():
     from engine.data import MapKey
 
     maps = [MapKey("a", "x"), MapKey("a", "x+y"), MapKey("b", "y")]
-    full = map_contexts(maps, maps)
+    spec = DataSpec("condition", "control", split_by="group")
+    full = map_contexts(spec, maps, maps)
     np.testing.assert_array_equal(full, [[1, 0, 1, 0], [1, 1, 1, 0], [0, 1, 0, 1]])
-    np.testing.assert_array_equal(map_contexts(maps, maps[2:]), full[2:])
+    np.testing.assert_array_equal(map_contexts(spec, maps, maps[2:]), full[2:])

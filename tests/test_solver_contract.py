@@ -47,6 +47,7 @@ CPU = torch.device("cpu")
 TRAINABLE = sorted(n for n, c in SOLVERS.items() if c.trainable)
 # Options that make a registered solver fast enough here; a solver not listed runs with its defaults.
 FAST: dict[str, dict[str, Any]] = {"cellot": {"inner_steps": 2, "hidden": [16, 16]},
+                                   "condot": {"inner_steps": 1, "hidden": [8, 8]},
                                    "w1ot": {"hidden": [16, 16], "step_hidden": [16, 16]},
                                    "nubot": {"hidden": [16, 16], "weight_hidden": [16], "lr_decay_every": 5}}
 
@@ -667,7 +668,8 @@ def test_evaluate_maps_passes_the_per_map_contexts_and_scores_the_baselines():
         k = int(group[1:])
         return ARRAYS[2][k] if condition == "ctrl" else ARRAYS[3][k]
 
-    prepared = SimpleNamespace(spec=SimpleNamespace(control="ctrl"), embedding=None, markers={}, cells=cells)
+    prepared = SimpleNamespace(spec=SimpleNamespace(control="ctrl"), embedding=None, markers={}, cells=cells,
+                               has_training_cells=lambda key: True)
     results = evaluate_maps(prepared, keys, solver, data, seed=0)
     assert len(results) == 3 and len(solver.seen) == 1
     torch.testing.assert_close(solver.seen[0], data.contexts, rtol=0, atol=0)

@@ -39,7 +39,7 @@ def run_trial(sampled: dict[str, Any], *, prepared: PreparedData, base: dict[str
     config = configure(RunConfig.from_dict(base), space.decode(sampled))
     keys = prepared.maps
     data = stack_data(prepared, keys, config, device)
-    solver = new_solver(config, data, keys, device)
+    solver = new_solver(config, data, device)
     plan = solver.plan(solver.config, config.train.steps)
     best = np.full(len(keys), math.inf)
 

@@ -85,7 +85,7 @@ def run_training(
     Stacks whose maps file exists are done (a resumed run skips them); the others resume from
     their checkpoints. On KeyboardInterrupt the workers checkpoint where they are and stop. on_progress(RunProgress) is called about twice a second. config.cluster is
     the placed one (engine.cluster.runtime.connect_for): a shared solver (one model over all
-    contexts) has one worker and one stack; its data-parallel training arrives with CondOT.
+    contexts, CondOT) has one worker and one stack; its data-parallel training is still to come.
     """
     cls = config.solver_cls
     workers = config.cluster.workers  # placed: at most one per map, one for a shared solver

@@ -4,7 +4,7 @@ from engine.data.embed import AutoencoderEmbedding, Embedding, PCAEmbedding
 from engine.data.io import read_h5ad
 from engine.data.prepared import PreparedData, prepare
 from engine.data.spec import DataError, DataSpec, MapKey
-from engine.data.synthetic import make_synthetic, synthetic_map
+from engine.data.synthetic import make_combinations, make_dose_response, make_synthetic, synthetic_map
 
 __all__ = [
     "DataError",
@@ -14,6 +14,8 @@ __all__ = [
     "PCAEmbedding",
     "MapKey",
     "PreparedData",
+    "make_combinations",
+    "make_dose_response",
     "make_synthetic",
     "prepare",
     "read_h5ad",

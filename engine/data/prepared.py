@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from engine.data.contexts import ContextEncoder
 from engine.data.embed import Embedding, PCAEmbedding, fit_embedding, load_embedding
 from engine.data.io import aligned_features, feature_matrix
 from engine.data.markers import rank_markers
@@ -79,6 +80,10 @@ class PreparedData:
     def cell_names(self, group: str | None, condition: str, split: str) -> list[str]:
         """Obs names of a table's cells, in table order."""
         return self._table(group, condition, split).column("cell").to_pylist()
+
+    def has_training_cells(self, key: MapKey) -> bool:
+        """False for a held-out context (its perturbed cells are all test cells)."""
+        return self._table(key.group, key.perturbation, "train").num_rows > 0
 
     def control_of(self, key: MapKey) -> tuple[str | None, str]:
         """(group, control label) of the source cells of a map."""
@@ -202,18 +207,37 @@ def _check_counts(used: list[tuple[str, str]], pairs: dict[tuple[str, str], np.n
 
 
 def _check_splits(
-    used: list[tuple[str, str]], pairs: dict[tuple[str, str], np.ndarray], codes: np.ndarray, spec: DataSpec
+    used: list[tuple[str, str]], pairs: dict[tuple[str, str], np.ndarray], codes: np.ndarray, spec: DataSpec,
+    unseen: set[tuple[str, str]] = frozenset(),
 ) -> None:
-    """Every split of ``spec.splits`` has cells in every used (group, condition), else a DataError."""
+    """Every split of ``spec.splits`` has cells in every used (group, condition), else a DataError;
+    the ``unseen`` pairs (held-out contexts) need test cells only."""
     for g, c in used:
         counts = np.bincount(codes[pairs[(g, c)]], minlength=len(SPLITS))
         n = {split: int(counts[SPLITS.index(split)]) for split in spec.splits}
+        if (g, c) in unseen:
+            n = {"test": n["test"]}
         if min(n.values()) == 0:
             parts = [f"{count} {split}" for split, count in n.items()]
             raise DataError(
                 f"empty split: {_where(spec, g, c)} has {', '.join(parts[:-1])} and {parts[-1]} cells"
                 + (f" with holdout {spec.holdout[0]}={spec.holdout[1]!r}" if spec.holdout else "")
             )
+
+
+def _unseen_pairs(
+    maps: list[MapKey], pairs: dict[tuple[str, str], np.ndarray], codes: np.ndarray, spec: DataSpec
+) -> set[tuple[str, str]]:
+    """The (group, condition) pairs of held-out contexts: with context keys, a map whose perturbed
+    cells are all held out is an unseen context (evaluated, not trained), and so is the control of a
+    group whose maps are all unseen. Without context keys: none (every map must train)."""
+    if spec.context_keys is None:
+        return set()
+    unseen = {(m.group or "", m.perturbation) for m in maps if not (codes[pairs[(m.group or "", m.perturbation)]] == TRAIN).any()}
+    if len(unseen) == len(maps):
+        raise DataError("every context is held out: nothing to train on")
+    seen_groups = {m.group or "" for m in maps if (m.group or "", m.perturbation) not in unseen}
+    return unseen | {(g, spec.control) for g, _ in unseen if g not in seen_groups}
 
 
 def _cell_table(names: np.ndarray, x_model: np.ndarray, x_data: np.ndarray | None) -> pa.Table:
@@ -252,6 +276,8 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
         (MapKey(g if spec.split_by else None, c) for g, c in all_pairs if c in perturbations),
         key=lambda m: (m.group or "", m.perturbation),
     )
+    if spec.context_keys is not None:
+        ContextEncoder.for_maps(spec, maps)  # bad labels for an embedding fail here, before any work
     used = sorted({(key.group or "", c) for key in maps for c in (spec.control, key.perturbation)})
     _check_counts(used, all_pairs, spec)
 
@@ -262,8 +288,10 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     pairs = pair_indices(groups, conditions)
     held_out = None if holdout is None else holdout[rows]
     valid_fraction = spec.valid_fraction if "valid" in spec.splits else 0.0
-    codes = split_cells(pairs, len(rows), spec.test_fraction, valid_fraction, spec.seed, held_out)
-    _check_splits(used, pairs, codes, spec)
+    codes = split_cells(pairs, len(rows), spec.test_fraction, valid_fraction, spec.seed, held_out,
+                        iid_elsewhere=spec.context_keys is not None)
+    unseen = _unseen_pairs(maps, pairs, codes, spec)
+    _check_splits(used, pairs, codes, spec, unseen)
     train = codes == TRAIN
 
     preprocessing = Preprocessing.fit(spec.preprocess, x, train & (conditions == spec.control), train, spec.hvg)
@@ -280,14 +308,16 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
         for g, c in used
         for split in spec.splits
     }
-    markers = {
-        key.name: rank_markers(
-            x_data[rows_of[(key.group or "", key.perturbation, "train")]],
-            x_data[rows_of[(key.group or "", spec.control, "train")]],
-            spec.markers,
-        )
-        for key in maps
-    }
+
+    def train_rows(key: MapKey, condition: str | None) -> np.ndarray:
+        """Train rows of a map's target (condition None) or control; for an unseen context, those of every map pooled."""
+        of = maps if (key.group or "", key.perturbation) in unseen else [key]
+        return np.unique(np.concatenate([rows_of[(m.group or "", condition or m.perturbation, "train")] for m in of]))
+
+    markers = {}
+    for key in maps:
+        target_rows, control_rows = train_rows(key, None), train_rows(key, spec.control)
+        markers[key.name] = rank_markers(x_data[target_rows], x_data[control_rows], spec.markers)
     tables = {
         key: _cell_table(names[idx], x_model[idx], None if embedding is None else x_data[idx])
         for key, idx in rows_of.items()

@@ -24,6 +24,22 @@ def name_some(items: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+EMBEDDINGS = ("onehot", "value", "log")  # context embeddings (engine.data.contexts)
+
+
+def parse_embeddings(items: tuple[str, ...], keys: tuple[str, ...]) -> dict[str, str]:
+    """{"dose": "log"} from ("dose=log",), checked against the context keys; unlisted keys: onehot."""
+    kinds = dict.fromkeys(keys, "onehot")
+    for item in items:
+        key, sep, kind = str(item).partition("=")
+        if not sep or kind not in EMBEDDINGS:
+            raise DataError(f"bad embedding {item!r}; expected KEY=KIND with KIND one of {', '.join(EMBEDDINGS)}")
+        if key not in kinds:
+            raise DataError(f"embedding {item!r} names {key!r}, which is not a context key ({name_some(list(keys))})")
+        kinds[key] = kind
+    return kinds
+
+
 class MapKey(NamedTuple):
     """One trained map: a perturbation, within a group when the data are split by a key."""
 
@@ -65,6 +81,8 @@ class DataSpec:
     min_cells: int = 30  # per (group, condition) used by a map
     markers: int = 50  # marker features per map (|Welch t|)
     seed: int = 0  # split seed
+    context_keys: tuple[str, ...] | None = None  # conditional solvers: the condition and/or split-by key
+    embeddings: tuple[str, ...] = ()  # "KEY=onehot|value|log" per context key (default onehot)
 
     def __post_init__(self) -> None:
         if self.perturbations is not None:
@@ -94,8 +112,31 @@ class DataSpec:
         for name in ("min_cells", "markers"):
             if int(getattr(self, name)) < 1:
                 raise DataError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.context_keys is not None:
+            self._check_context_keys()
+        elif self.embeddings:
+            raise DataError("embeddings need context keys (--context-keys)")
         if int(self.seed) < 0:
             raise DataError(f"seed must be >= 0, got {self.seed!r}")
+
+    def _check_context_keys(self) -> None:
+        """Context keys: a non-empty subset of (condition key, split-by key), the split-by key included
+        (a group's maps need their own contexts); embeddings name context keys only."""
+        keys = self.context_keys
+        if isinstance(keys, str) or len(keys) == 0 or len(set(keys)) != len(keys):
+            raise DataError(f"context_keys must be a non-empty list of distinct obs keys, got {keys!r}")
+        object.__setattr__(self, "context_keys", tuple(str(k) for k in keys))
+        allowed = (self.condition_key, *((self.split_by,) if self.split_by else ()))
+        other = [k for k in self.context_keys if k not in allowed]
+        if other:
+            raise DataError(f"context key(s) {name_some(other)} must be the condition key {self.condition_key!r}"
+                            + (f" or the split-by key {self.split_by!r}" if self.split_by else "")
+                            + " (a context is a map's labels)")
+        if self.split_by and self.split_by not in self.context_keys:
+            raise DataError(f"with --split-by {self.split_by}, it must be a context key too (each group's maps "
+                            "need their own contexts)")
+        object.__setattr__(self, "embeddings", tuple(str(e) for e in self.embeddings))
+        parse_embeddings(self.embeddings, self.context_keys)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -110,7 +151,7 @@ class DataSpec:
     def to_dict(self) -> dict[str, Any]:
         """A json/yaml-safe mapping (tuples become lists) that ``from_dict`` turns back into this spec."""
         d = dataclasses.asdict(self)
-        for key in ("perturbations", "holdout"):
+        for key in ("perturbations", "holdout", "context_keys", "embeddings"):
             if d[key] is not None:
                 d[key] = list(d[key])
         return d

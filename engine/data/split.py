@@ -39,6 +39,7 @@ def split_cells(
     valid_fraction: float,
     seed: int,
     holdout: np.ndarray | None = None,
+    iid_elsewhere: bool = False,
 ) -> np.ndarray:
     """int8 [n_cells] split codes (TRAIN / VALID / TEST); cells in no pair are TRAIN.
 
@@ -48,6 +49,8 @@ def split_cells(
     when 2 or more are left).
     o.o.s. / o.o.d.: with a ``holdout`` mask, exactly the holdout cells are TEST; the valid cells are drawn
     the same way from each pair's m non-holdout cells (round(valid_fraction * m)).
+    ``iid_elsewhere`` (held-out contexts of a conditional run): a pair with no holdout cell is split
+    i.i.d. as above, so the seen contexts and the control have test cells too.
     ``valid_fraction == 0``: no VALID cells (train/test only, CellOT's protocol).
     """
     codes = np.full(n_cells, TRAIN, dtype=np.int8)
@@ -55,10 +58,11 @@ def split_cells(
         codes[holdout] = TEST
     for (group, condition), idx in pairs.items():
         rng = _pair_rng(seed, group, condition)
-        if holdout is None:
+        iid = holdout is None or (iid_elsewhere and not holdout[idx].any())
+        if iid:
             codes[rng.choice(idx, size=_count(test_fraction, len(idx), len(idx)), replace=False)] = TEST
         if valid_fraction > 0:
             rest = idx[codes[idx] != TEST]
-            n = len(idx) if holdout is None else len(rest)
+            n = len(idx) if iid else len(rest)
             codes[rng.choice(rest, size=_count(valid_fraction, n, len(rest)), replace=False)] = VALID
     return codes

@@ -196,3 +196,40 @@ def make_clusters(n_cells: int = 4000, settings: Sequence[str] = ("a", "b", "c")
     obs = pd.DataFrame({"condition": pd.Categorical(conditions), "group": pd.Categorical(groups),
                         "cluster": np.concatenate(clusters)}, index=[f"cell{i}" for i in range(len(conditions))])
     return ad.AnnData(X=np.concatenate(blocks).astype(np.float32), obs=obs, var=pd.DataFrame(index=["x", "y"]))
+
+
+def make_dose_response(
+    doses: Sequence[float] = (10, 100, 1000, 10000),
+    dim: int = 5,
+    n_cells: int = 600,
+    shift: float = 1.0,
+    seed: int = 0,
+) -> ad.AnnData:
+    """A dose response (CondOT's setting, Bunne et al. 2022): control cells ~ N(0, Sigma); at dose D
+    the cells are N(shift * log10(D) * e, Sigma), e a fixed unit direction, so the effect grows
+    with log-dose. obs["dose"]: "0" for the control, else the dose as written (e.g. "1000")."""
+    rng = np.random.default_rng(seed)
+    root = np.eye(dim) + 0.2 * rng.normal(size=(dim, dim))
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    labels = ["0", *(f"{d:g}" for d in doses)]
+    means = [np.zeros(dim), *(shift * np.log10(d) * direction for d in doses)]
+    x = np.concatenate([mean + rng.normal(size=(n_cells, dim)) @ root for mean in means]).astype(np.float32)
+    obs = pd.DataFrame({"dose": np.repeat(labels, n_cells)}, index=[f"cell{i}" for i in range(len(x))])
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"f{i}" for i in range(dim)]))
+
+
+def make_combinations(
+    parts: Sequence[str] = ("A", "B", "C"), dim: int = 5, n_cells: int = 600, size: float = 2.0, seed: int = 0
+) -> ad.AnnData:
+    """Combinations with additive effects: control cells ~ N(0, Sigma); perturbation P shifts them by
+    size * e_P (orthonormal directions), a pair "P+Q" by size * (e_P + e_Q). obs["condition"]:
+    "control", every part and every pair of parts (e.g. "A+B")."""
+    rng = np.random.default_rng(seed)
+    root = np.eye(dim) + 0.2 * rng.normal(size=(dim, dim))
+    directions = dict(zip(parts, np.linalg.qr(rng.normal(size=(dim, len(parts))))[0].T))
+    labels = [CONTROL, *parts, *(f"{p}+{q}" for i, p in enumerate(parts) for q in parts[i + 1 :])]
+    means = [np.zeros(dim) if label == CONTROL else size * sum(directions[p] for p in label.split("+")) for label in labels]
+    x = np.concatenate([mean + rng.normal(size=(n_cells, dim)) @ root for mean in means]).astype(np.float32)
+    obs = pd.DataFrame({"condition": np.repeat(labels, n_cells)}, index=[f"cell{i}" for i in range(len(x))])
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"f{i}" for i in range(dim)]))

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.nn.stacked import StackedLinear, StackedQuadratic
+from engine.nn.stacked import ConvexPath, StackedLinear, StackedQuadratic
 
 Init = Literal["uniform", "identity", "gaussian"]
 INITS: tuple[str, ...] = ("uniform", "identity", "gaussian")
 
 
-class StackedICNN(nn.Module):
+class StackedICNN(ConvexPath):
     """K convex potentials f_k: R^d -> R evaluated together; input [K, b, d], output [K, b, 1]."""
 
     def __init__(
@@ -80,18 +80,6 @@ class StackedICNN(nn.Module):
                 w.uniform_(0.0, scale, generator=generator)
             else:
                 w.fill_(1.0 / w.shape[0])
-
-    @torch.no_grad()
-    def clamp_hidden_weights(self) -> None:
-        """Project onto the convex set: W_i, gate <- max(., 0) (after each step of a potential that must stay convex)."""
-        for weight in self._hidden_path():
-            weight.clamp_(min=0)
-
-    def negative_weight_penalty(self, squared: bool = False) -> torch.Tensor:
-        """Per-map sum_i ||relu(-W_i)||_F, shape [K] (CellOT's penalty on g), or with `squared`
-        sum_i ||relu(-W_i)||_F^2 (NubOT's, Lübeck et al. 2022, D.3)."""
-        norms = (F.relu(-weight).flatten(1).norm(dim=1) for weight in self._hidden_path())
-        return sum(norm.square() if squared else norm for norm in norms)
 
     def _hidden_path(self) -> list[torch.Tensor]:
         """The weights that must stay >= 0 for convexity: W_i and the quadratic's gate."""

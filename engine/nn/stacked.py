@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class StackedLinear(nn.Module):
@@ -57,3 +58,23 @@ class StackedQuadratic(nn.Module):
         """Start at x -> x A + b given A [K, d, d] (symmetric PSD) and b [K, d]."""
         self.matrix.copy_(matrix)
         self.shift.copy_(shift.unsqueeze(1))
+
+
+class ConvexPath(nn.Module):
+    """A potential convex in its input while the weights of `_hidden_path()` are >= 0 (ICNN, PICNN):
+    the clamp (after each step of a potential that must stay convex) and CellOT's penalty."""
+
+    def _hidden_path(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def clamp_hidden_weights(self) -> None:
+        """Project onto the convex set: every hidden-path weight <- max(., 0)."""
+        for weight in self._hidden_path():
+            weight.clamp_(min=0)
+
+    def negative_weight_penalty(self, squared: bool = False) -> torch.Tensor:
+        """Per-model sum_i ||relu(-W_i)||_F over the hidden path, shape [K] (CellOT's penalty on g), or
+        with `squared` sum_i ||relu(-W_i)||_F^2 (NubOT's, Lübeck et al. 2022, D.3)."""
+        norms = (F.relu(-weight).flatten(1).norm(dim=1) for weight in self._hidden_path())
+        return sum(norm.square() if squared else norm for norm in norms)

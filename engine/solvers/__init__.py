@@ -7,10 +7,13 @@ from engine.options import DataError
 from engine.solvers.base import StackSolver, Transport, make_config
 from engine.solvers.baselines import GaussianMap, Identity, MeanShift, Observed
 from engine.solvers.cellot import CellOT
+from engine.solvers.condot import CondOT
 from engine.solvers.nubot import NubOT
 from engine.solvers.w1ot import W1OT
 
-SOLVERS: dict[str, type[StackSolver]] = {cls.name: cls for cls in (CellOT, W1OT, NubOT, Identity, Observed, MeanShift, GaussianMap)}
+SOLVERS: dict[str, type[StackSolver]] = {
+    cls.name: cls for cls in (CellOT, CondOT, W1OT, NubOT, Identity, Observed, MeanShift, GaussianMap)
+}
 
 
 def solver_class(name: str) -> type[StackSolver]:

@@ -10,11 +10,14 @@ CellOT's protocol).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from engine.data import MapKey, PreparedData
+from engine.data.contexts import map_contexts
 from engine.metrics.evaluate import MetricRow, evaluate_map
 from engine.solvers import StackSolver, build_solver
 from engine.train.saved_maps import predict_cells
+from engine.train.stack import nearest_trained, trained_maps
 from engine.train.stack_data import StackData, map_seed
 
 BASELINE_MAPS = ("mean_shift", "gaussian")  # fitted per map, scored as split test_<name>
@@ -35,24 +38,36 @@ def evaluate_maps(
 ) -> list[Evaluated]:
     """Predict each map's test controls and score them: [(rows, predicted cells (data space), weights)].
 
-    `data` is the stack's training data: its contexts go to the maps, its training cells fit the
-    baseline maps, its device runs the predictions. The metrics' subsamples are seeded per map (run seed and map name), so the same run scores the
+    `data` is the stack's training data (of trained_maps(keys)): its contexts go to the maps, its
+    training cells fit the baseline maps, its device runs the predictions. A held-out context (a map
+    of `keys` without training cells, for a shared solver) is predicted with its own context, and its
+    observed, mean_shift and gaussian baselines are those of the trained map with the nearest context
+    (e.g. the nearest seen dose). The metrics' subsamples are seeded per map (run seed and map name), so the same run scores the
     same whatever the stack, the device or the options (bootstrap, sinkhorn) asked for.
     """
     control = prepared.spec.control
     sources = [prepared.cells(k.group, control, "test") for k in keys]
+    trained = trained_maps(prepared, keys)
+    contexts, fitted_on = data.contexts, list(range(len(keys)))
+    if len(trained) < len(keys):
+        contexts = torch.from_numpy(map_contexts(prepared.spec, prepared.maps, keys)).to(data.device)
+        fitted_on = nearest_trained(prepared, keys)
 
     def decoded(cells: np.ndarray) -> np.ndarray:
         return cells if prepared.embedding is None else prepared.embedding.decode(cells).astype(np.float32)
 
     baselines = {}
     for name in BASELINE_MAPS:
-        baseline = build_solver(name, len(keys), data.dim)
+        baseline = build_solver(name, data.n_maps, data.dim)
         baseline.initialize(data, [])
+        if fitted_on != list(range(data.n_maps)):  # a stacked solver: every buffer has the map axis first
+            state = {n: t[fitted_on] for n, t in baseline.state_dict().items()}
+            baseline = build_solver(name, len(keys), data.dim)
+            baseline.load_state_dict(state)
         baseline.to(data.device)
         baselines[f"test_{name}"] = [decoded(c) for c, _ in predict_cells(baseline, sources, data.device)]
     results = []
-    for k, (key, (cells, weights)) in enumerate(zip(keys, predict_cells(solver, sources, data.device, data.contexts))):
+    for k, (key, (cells, weights)) in enumerate(zip(keys, predict_cells(solver, sources, data.device, contexts))):
         cells = decoded(cells)
         features = prepared.markers.get(key.name)
         if features is not None and markers is not None:
@@ -61,7 +76,7 @@ def evaluate_maps(
             cells,
             prepared.cells(key.group, key.perturbation, "test", space="data"),
             prepared.cells(key.group, control, "test", space="data"),
-            prepared.cells(key.group, key.perturbation, "train", space="data"),
+            prepared.cells(trained[fitted_on[k]].group, trained[fitted_on[k]].perturbation, "train", space="data"),
             features=features,
             pred_weights=weights,
             bootstrap=bootstrap,

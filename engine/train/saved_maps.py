@@ -15,13 +15,15 @@ from engine.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 def save_maps(path: Path, solver: StackSolver, keys: list[MapKey], contexts: torch.Tensor | None, run: dict) -> None:
-    """A stack's trained maps: state dict, solver name and options, map names, contexts, run config."""
+    """A stack's trained maps: state dict, solver name and options, map names, contexts, run config.
+    `keys` and `contexts` may hold more maps than the solver (a shared model's held-out contexts)."""
     save_checkpoint(
         path,
         {
             "solver": solver.name,
             "solver_params": to_plain(asdict(solver.config)),
             "dim": solver.dim,
+            "n_maps": solver.n_maps,
             "context_dim": solver.context_dim,
             "maps": [k.name for k in keys],
             "contexts": None if contexts is None else contexts.cpu(),
@@ -37,7 +39,8 @@ class SavedMaps:
     def __init__(self, path: Path, device: torch.device | str = "cpu") -> None:
         payload = load_checkpoint(path, device)
         self.names: list[str] = list(payload["maps"])
-        self.solver = build_solver(payload["solver"], len(self.names), payload["dim"], payload["solver_params"],
+        n_maps = payload.get("n_maps", len(self.names))  # a shared model's training contexts (may be fewer)
+        self.solver = build_solver(payload["solver"], n_maps, payload["dim"], payload["solver_params"],
                                    payload.get("context_dim", 0))  # .get: maps saved before contexts
         self.solver.load_state_dict(payload["state"])
         self.solver.to(device)

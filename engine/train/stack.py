@@ -2,6 +2,8 @@
 
 A stack of at most `stack_size` maps is trained as one network (or, for a shared solver, one model
 over the stack's contexts). Its name comes from its maps, so a restarted worker finds its files.
+A shared solver's stack may hold held-out contexts (no training cells): they are not trained on,
+only evaluated, with the baselines of the nearest trained context.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
+from engine.data.contexts import map_contexts
 from engine.solvers import StackSolver, build_solver
 from engine.train.stack_data import StackData, map_seed
 
@@ -28,25 +31,27 @@ def stacks_of(keys: list[MapKey], stack_size: int, shared: bool = False) -> list
     return [keys[i : i + size] for i in range(0, len(keys), max(1, size))]
 
 
-def map_contexts(all_maps: list[MapKey], keys: list[MapKey]) -> np.ndarray:
-    """Context of each map in `keys` [K, c]: a multi-hot of its perturbation's parts ("A+B" is the sum
-    of A's and B's one-hots), then a one-hot of its group, over the parts and groups of `all_maps`
-    (the run's maps, so a map's context does not depend on its stack)."""
-    parts = sorted({p for key in all_maps for p in key.perturbation.split("+")})
-    groups = sorted({key.group for key in all_maps if key.group is not None})
-    contexts = np.zeros((len(keys), len(parts) + len(groups)), np.float32)
-    for k, key in enumerate(keys):
-        for part in key.perturbation.split("+"):
-            contexts[k, parts.index(part)] += 1.0
-        if key.group is not None:
-            contexts[k, len(parts) + groups.index(key.group)] = 1.0
-    return contexts
+def trained_maps(prepared: PreparedData, keys: list[MapKey]) -> list[MapKey]:
+    """The maps of `keys` with training cells (all but held-out contexts): what a stack trains on."""
+    return [k for k in keys if prepared.has_training_cells(k)]
+
+
+def nearest_trained(prepared: PreparedData, keys: list[MapKey]) -> list[int]:
+    """Per map of `keys`, its index among trained_maps(keys), or for a held-out context the index of
+    the trained map with the nearest context (Euclidean; the first on ties)."""
+    trained = trained_maps(prepared, keys)
+    contexts = map_contexts(prepared.spec, prepared.maps, keys)
+    seen = map_contexts(prepared.spec, prepared.maps, trained)
+    return [trained.index(k) if k in trained else int(np.argmin(((seen - c) ** 2).sum(1)))
+            for k, c in zip(keys, contexts)]
 
 
 def stack_data(prepared: PreparedData, keys: list[MapKey], config: RunConfig, device: torch.device) -> StackData:
     """Training cells, a fixed selection subset (eval_cells per map, from the `select_on` split:
-    valid by default, test for CellOT's protocol) and the contexts of each map."""
+    valid by default, test for CellOT's protocol) and the contexts of each map of
+    trained_maps(keys) (a held-out context has no training cells: it is only evaluated)."""
     train = config.train
+    keys = trained_maps(prepared, keys)
     control, select_on = prepared.spec.control, prepared.spec.select_on
 
     def subset(cells: np.ndarray, seed: int) -> np.ndarray:
@@ -62,13 +67,13 @@ def stack_data(prepared: PreparedData, keys: list[MapKey], config: RunConfig, de
         seeds=seeds,
         batch_size=train.batch_size,
         device=device,
-        contexts=map_contexts(prepared.maps, keys),
+        contexts=map_contexts(prepared.spec, prepared.maps, keys),
     )
 
 
-def new_solver(config: RunConfig, data: StackData, keys: list[MapKey], device: torch.device) -> StackSolver:
-    """The run's solver for a stack: seeded per-map init, data-dependent init, on `device`."""
+def new_solver(config: RunConfig, data: StackData, device: torch.device) -> StackSolver:
+    """The run's solver for a stack's data: seeded per-map init, data-dependent init, on `device`."""
     context_dim = 0 if data.contexts is None else data.contexts.shape[1]
-    solver = build_solver(config.solver, len(keys), data.dim, config.solver_params, context_dim)
-    solver.initialize(data, [map_seed(config.train.seed, k.name) for k in keys])
+    solver = build_solver(config.solver, data.n_maps, data.dim, config.solver_params, context_dim)
+    solver.initialize(data, data.seeds.flatten().tolist())
     return solver.to(device)

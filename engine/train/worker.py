@@ -18,11 +18,12 @@ import torch
 
 from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
+from engine.data.contexts import map_contexts
 from engine.rundir import RunDir
 from engine.train.evaluation import evaluate_maps, metric_rows
 from engine.train.loop import StopRequested, train_stack
 from engine.train.saved_maps import save_maps
-from engine.train.stack import new_solver, stack_data, stack_id, stacks_of
+from engine.train.stack import new_solver, stack_data, stack_id, stacks_of, trained_maps
 
 PROGRESS_EVERY = 50  # steps between progress reports
 FINAL_STATUSES = ("trained", "diverged", "failed")  # a map in one of these is done with (for this run)
@@ -69,8 +70,9 @@ def train_maps(run: MapRun, keys: list[MapKey]) -> None:
 
 def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
     config, reporter = run.config, run.reporter
+    trained = trained_maps(run.prepared, keys)  # all but a shared model's held-out contexts
     data = stack_data(run.prepared, keys, config, run.device)
-    solver = new_solver(config, data, keys, run.device)
+    solver = new_solver(config, data, run.device)
     reporter.maps(run.map_rows(keys, "running"))
     total = solver.plan(solver.config, config.train.steps).total
     select_split = "valid" if run.prepared.spec.select_on == "valid" else "valid_test"
@@ -81,7 +83,7 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
                 {"run_id": run.run_id, "perturbation": key.name, "split": select_split if name == "mmd" else "train",
                  "metric": name, "value": float(values[k]), "step": step}
                 for name, values in ((n, v.detach().cpu()) for n, v in row.items())
-                for k, key in enumerate(keys)
+                for k, key in enumerate(trained)
             ]
         )
 
@@ -99,7 +101,7 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
     if outcome.resumed_from > 0:  # a restarted worker or a resumed run: the step this stack picked up at
         logs.append(("resumed_from", float(outcome.resumed_from), outcome.resumed_from))
     reporter.metrics([{"run_id": run.run_id, "perturbation": k.name, "split": "train", "metric": name,
-                       "value": value, "step": step} for k in keys for name, value, step in logs])
+                       "value": value, "step": step} for k in trained for name, value, step in logs])
     records: dict[str, np.ndarray] = {}
     evaluated = evaluate_maps(run.prepared, keys, solver, data, config.train.seed)
     for k, (key, (rows, cells, weights)) in enumerate(zip(keys, evaluated)):
@@ -111,9 +113,11 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, maps=np.array([k.name for k in keys]), **records)
     path = run.run_dir.maps_file(stack)
-    for i, key in enumerate(keys):  # before the maps file: a stack with a maps file has its rows
+    for key in keys:  # before the maps file: a stack with a maps file has its rows
+        i = trained.index(key) if key in trained else 0  # a held-out context: the shared model's outcome
         diverged = outcome.diverged[i]
         error = f"non-finite losses; kept its state of step {outcome.best_step[i]}" if diverged else None
         reporter.maps(run.map_rows([key], "diverged" if diverged else "trained", steps=outcome.steps,
                                    best_step=outcome.best_step[i], checkpoint=str(path), error=error))
-    save_maps(path, solver, keys, data.contexts, config.to_dict())  # written last: it marks the stack done
+    contexts = torch.from_numpy(map_contexts(run.prepared.spec, run.prepared.maps, keys))
+    save_maps(path, solver, keys, contexts, config.to_dict())  # written last: it marks the stack done

@@ -1,0 +1,279 @@
+"""CondOT (engine.solvers.condot) and its PICNN (engine.nn.picnn): convexity, the initialisation per
+training context, contexts from obs keys, held-out contexts. The solver-contract tests
+(tests/test_solver_contract.py) also run on condot, as on every registered solver."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.nn.picnn import StackedPICNN
+from engine.ot.gaussian import bures_map, gaussian_moments
+from engine.solvers import build_solver
+from engine.train.stack_data import StackData
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def random_picnn(seed: int, n_models: int = 2, dim: int = 3, context_dim: int = 2, j: int = 3) -> StackedPICNN:
+    """A PICNN with every parameter and buffer random (A_j PSD), far from its initialisation."""
+    gen = torch.Generator().manual_seed(seed)
+    net = StackedPICNN(n_models, dim, context_dim, j, hidden=(8, 8)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        root = torch.randn(n_models, j, dim, dim, generator=gen, dtype=torch.float64)
+        net.matrices.copy_(root @ root.transpose(-1, -2))
+        net.centers.copy_(torch.randn(net.centers.shape, generator=gen, dtype=torch.float64))
+    return net
+
+
+def midpoint_gaps(net: StackedPICNN, seed: int, n: int = 4000, vary: str = "x") -> torch.Tensor:
+    """psi(mid) - (psi(a) + psi(b)) / 2 over random pairs differing in x (context fixed) or in c
+    (x fixed); convexity in that argument means every gap <= 0."""
+    gen = torch.Generator().manual_seed(seed)
+    m, d, q = net.matrices.shape[0], net.matrices.shape[-1], net.modulator.weight.shape[1]
+    x0, x1 = (3 * torch.randn(m, n, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    c0, c1 = (2 * torch.randn(m, n, q, generator=gen, dtype=torch.float64) for _ in range(2))
+    if vary == "x":
+        c1 = c0
+    else:
+        x1 = x0
+    return net((x0 + x1) / 2, (c0 + c1) / 2) - (net(x0, c0) + net(x1, c1)) / 2
+
+
+def test_picnn_is_convex_in_x_for_any_fixed_context():
+    """Random PICNNs (3 seeds x 2 stacked models, every weight N(0, 1)) with W^z clamped >= 0:
+    psi(., c) is midpoint-convex on 4000 random pairs per model (gap <= 1e-9 relative to the
+    values); in the context it is not (some gap > 0), and without the clamp convexity in x fails."""
+    for seed in range(3):
+        net = random_picnn(seed)
+        unclamped = midpoint_gaps(net, seed)
+        net.clamp_hidden_weights()
+        gaps = midpoint_gaps(net, seed)
+        assert gaps.max().item() <= 1e-9 * (1 + gaps.abs().max().item()), f"seed {seed}: not convex in x"
+        assert midpoint_gaps(net, seed, vary="c").max().item() > 0, "a convex-in-c network would not test much"
+        assert unclamped.max().item() > 0, "negative W^z should break convexity somewhere"
+
+
+def gaussian_contexts(dim: int = 4, n: int = 3000, seed: int = 0) -> tuple[list, list, np.ndarray]:
+    """Source N(0, I) (shared) and one target Gaussian per context (its own mean and covariance);
+    contexts: doses on a log scale (scalars 0.25 .. 1)."""
+    rng = np.random.default_rng(seed)
+    source = rng.normal(size=(n, dim)).astype(np.float32)
+    targets = []
+    for j in range(4):
+        a = np.eye(dim) + 0.3 * rng.normal(size=(dim, dim))
+        targets.append((rng.normal(size=dim) * 2 + rng.normal(size=(n, dim)) @ a).astype(np.float32))
+    return [source] * 4, targets, np.array([[0.25], [0.5], [0.75], [1.0]], np.float32)
+
+
+def condot_at_init(init: str = "gaussian") -> tuple[StackData, object]:
+    sources, targets, contexts = gaussian_contexts()
+    data = StackData(sources, targets, sources, targets, seeds=[1, 2, 3, 4], batch_size=64, contexts=contexts)
+    solver = build_solver("condot", 4, 4, {"hidden": [16, 16], "init": init}, context_dim=1)
+    solver.initialize(data, [7])
+    return data, solver
+
+
+def test_gaussian_init_maps_each_training_context_to_its_target_fit():
+    """At step 0, for each of 4 training contexts, grad_x g(., c_j) is the Bures map of context j:
+    within 1e-3 of it on every source cell (the softmax leak, e^-10 per other context); the mapped
+    source has the target's mean within 1e-3 and covariance within 0.05 (Frobenius; the Bures map
+    matches the fits with a 1e-2 ridge) of that context's target fit."""
+    data, solver = condot_at_init()
+    x = data.source.of_map(0).double()
+    moved = solver.double().transport(x.expand(4, -1, -1), data.contexts.double()).cells
+    for j in range(4):
+        target = data.target.of_map(j).double()
+        a, b = bures_map(*gaussian_moments(x), *gaussian_moments(target))
+        assert (moved[j] - (x @ a + b)).abs().max().item() < 1e-3
+        mean, cov = gaussian_moments(moved[j], 0.0)
+        mean_t, cov_t = gaussian_moments(target, 0.0)
+        assert (mean - mean_t).norm().item() < 1e-3
+        assert (cov - cov_t).norm().item() < 0.05 * max(1.0, cov_t.norm().item()) and (cov - cov_t).norm().item() < 0.05
+
+
+def test_identity_init_and_unseen_contexts_mix_their_neighbours():
+    """identity init: T(x, c) = x for every context (1e-6). gaussian init: a context halfway between
+    two training contexts gets the mean of their two Bures maps (the softmax weighs the two equally
+    and the others by e^-40 at most), so an unseen dose starts between its neighbours."""
+    data, solver = condot_at_init("identity")
+    x = data.source.of_map(0)[:500]
+    moved = solver.transport(x.expand(4, -1, -1), data.contexts).cells
+    assert (moved - x).abs().max().item() < 1e-6
+    data, solver = condot_at_init("gaussian")
+    halfway = torch.tensor([[0.625]])
+    mixed = solver.transport(x.unsqueeze(0), halfway).cells[0]
+    neighbours = solver.transport(x.expand(2, -1, -1), data.contexts[1:3]).cells
+    assert (mixed - neighbours.mean(0)).abs().max().item() < 1e-3
+
+
+# -- contexts from obs keys, held-out contexts, the dose-response acceptance -----------------------------
+
+
+class Collect:
+    """An in-memory Reporter (engine.train.worker): the rows a worker would send to the store."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.map_rows: list[dict] = []
+
+    def metrics(self, rows: list[dict]) -> None:
+        self.rows += rows
+
+    def maps(self, rows: list[dict]) -> None:
+        self.map_rows += rows
+
+    def progress(self, stack: str, done: int) -> bool:
+        return False
+
+
+def condot_run(tmp_path, adata, steps: int, data: dict, **solver):
+    """CondOT trained through the worker's job without Ray: (prepared, reporter, run directory)."""
+    from engine.config import RunConfig
+    from engine.data import prepare
+    from engine.rundir import RunDir
+    from engine.train.worker import MapRun, train_maps
+
+    config = RunConfig.resolve(dataset="x", solver="condot", steps=steps, seed=0, **data,
+                               solver_params={"hidden": [32, 32], **solver}, train_params={"eval_every": 50})
+    prepared = prepare(adata, config.data)
+    reporter = Collect()
+    run_dir = RunDir(tmp_path / "run")
+    train_maps(MapRun(prepared, config, run_dir, reporter, torch.device("cpu"), "r"), prepared.maps)
+    return prepared, reporter, run_dir
+
+
+def dose_run(tmp_path, steps: int, **solver):
+    """The synthetic dose response (doses 10..10000, dose 1000 held out, log embedding)."""
+    from engine.data import make_dose_response
+
+    data = dict(condition_key="dose", control="0", holdout=["dose", "1000"], context_keys=["dose"],
+                embeddings=["dose=log"])
+    return condot_run(tmp_path, make_dose_response(seed=0), steps, data, **solver)
+
+
+def final_mmd(reporter: Collect, name: str) -> dict[str, float]:
+    """The final test rows (model and baselines) of map `name`: {split: mmd}."""
+    return {r["split"]: r["value"] for r in reporter.rows if r["perturbation"] == name and r["metric"] == "mmd"
+            and r["split"].startswith("test")}
+
+
+def test_held_out_dose_is_an_unseen_context(tmp_path):
+    """--holdout dose=1000 with context keys: the 1000 map has test cells only (no train or valid
+    cells), the others train; contexts are log10(dose) / 4; without context keys the same holdout
+    is an empty-split error, and a context key that is not a map's label is refused."""
+    from engine.data import DataError, DataSpec, make_dose_response, prepare
+    from engine.data.contexts import map_contexts
+
+    adata = make_dose_response(n_cells=100)
+    spec = DataSpec("dose", "0", holdout=("dose", "1000"), context_keys=("dose",), embeddings=("dose=log",))
+    prepared = prepare(adata, spec)
+    trained = {k.perturbation: prepared.has_training_cells(k) for k in prepared.maps}
+    assert trained == {"10": True, "100": True, "1000": False, "10000": True}
+    assert len(prepared.cells(None, "1000", "test")) == 100 and len(prepared.cells(None, "1000", "valid")) == 0
+    np.testing.assert_allclose(map_contexts(spec, prepared.maps, prepared.maps).ravel(), [0.25, 0.5, 0.75, 1.0])
+    with pytest.raises(DataError, match="empty split"):
+        prepare(adata, DataSpec("dose", "0", holdout=("dose", "1000")))
+    with pytest.raises(DataError, match="context key"):
+        DataSpec("dose", "0", context_keys=("donor",))
+    adata.obs["dose"] = adata.obs["dose"].replace({"10000": "high"})
+    with pytest.raises(DataError, match="numeric"):
+        prepare(adata, DataSpec("dose", "0", context_keys=("dose",), embeddings=("dose=value",)))
+
+
+@pytest.mark.parametrize("steps, solver", [(20, {"inner_steps": 2}), pytest.param(1000, {}, marks=pytest.mark.slow)])
+def test_held_out_dose_beats_identity_and_the_nearest_seen_doses(tmp_path, steps, solver):
+    """Acceptance (synthetic dose response, d = 5, shift = log10(dose) along a fixed direction, dose
+    1000 held out): after 20 min-max steps (2 g-steps each; slow: 1000 steps of the paper's loop, 10
+    g-steps each) CondOT's prediction for dose 1000 has a lower mmd to the
+    true held-out population than identity, than the Bures map of the nearest seen dose (the
+    test_gaussian row, the engine's nearest: dose 100), than that dose's observed cells, and than
+    CondOT's own maps of both neighbouring doses (100 and 10000) applied to the same controls."""
+    from engine.metrics.evaluate import evaluate_map
+    from engine.train.saved_maps import SavedMaps, predict_cells
+
+    prepared, reporter, run_dir = dose_run(tmp_path, steps, **solver)
+    final = final_mmd(reporter, "1000")
+    assert set(final) == {"test", "test_identity", "test_observed", "test_mean_shift", "test_gaussian"}
+    assert final["test"] < final["test_identity"] and final["test"] < final["test_gaussian"]
+    assert final["test"] < final["test_observed"]
+    saved = SavedMaps(run_dir.saved_maps()[0])
+    assert saved.names == ["10", "100", "1000", "10000"] and saved.solver.n_maps == 3
+    controls, truth = prepared.cells(None, "0", "test"), prepared.cells(None, "1000", "test")
+    by_neighbour = predict_cells(saved.solver, [controls, controls], saved.device, saved.contexts[[1, 3]])
+    neighbours = []
+    for cells, _ in by_neighbour:
+        rows = evaluate_map(cells, truth, controls, truth, knn=False, sinkhorn=False)
+        neighbours.append(next(r.value for r in rows if r.split == "test" and r.metric == "mmd"))
+    print("dose 1000 mmd:", final, "CondOT at doses 100, 10000:", neighbours)
+    assert final["test"] < min(neighbours)
+
+
+def test_held_out_pair_beats_either_single_perturbation(tmp_path):
+    """Acceptance (synthetic combinations: singles A, B, C shift the controls along orthonormal
+    directions, a pair by the sum; "A+B" held out, multi-hot contexts): after 20 min-max steps the
+    prediction for A+B has a lower mmd to the true A+B cells than identity, than A's Bures map and
+    A's cells (the nearest trained context: the test_gaussian and test_observed rows), and than B's
+    cells (predicting either single perturbation alone)."""
+    from engine.data import make_combinations
+    from engine.metrics.evaluate import evaluate_map
+
+    adata = make_combinations(seed=1)
+    data = dict(condition_key="condition", control="control", holdout=["condition", "A+B"],
+                context_keys=["condition"])
+    prepared, reporter, _ = condot_run(tmp_path, adata, 20, data, inner_steps=2)
+    final = final_mmd(reporter, "A+B")
+    truth = prepared.cells(None, "A+B", "test")
+    rows = evaluate_map(prepared.cells(None, "B", "train"), truth, truth, truth, knn=False, sinkhorn=False)
+    only_b = next(r.value for r in rows if r.split == "test" and r.metric == "mmd")
+    print("A+B mmd:", final, "B's cells:", only_b)
+    assert final["test"] < min(final["test_identity"], final["test_gaussian"], final["test_observed"], only_b)
+
+
+def test_cli_train_condot_with_a_held_out_dose_and_predict_any_dose(ray_session, tmp_path, capsys):
+    """The CLI end to end on the local Ray: `train --solver condot --context-keys dose --embedding
+    dose=log --holdout dose=1000` stores test rows for all four doses (the held-out one included) and
+    `predict --context dose=3000` maps controls to a dose never seen in any form (its mean shift lies
+    between those of 1000 and 10000; nearer 10000's, the nearest training context in log-dose, whose
+    quadratic the softmax picks), with the source cells' obs and the run in uns; a context key with a per-map
+    solver, a bad --context, or --context with --perturbations is exit 2."""
+    import anndata as ad
+
+    from engine.api import FitResult
+    from engine.cli import main
+    from engine.data import make_dose_response
+
+    data = tmp_path / "dose.h5ad"
+    adata = make_dose_response(n_cells=300)
+    adata.write_h5ad(data)
+    out = tmp_path / "run"
+    base = ["train", "--data", str(data), "--condition-key", "dose", "--control", "0", "--context-keys", "dose",
+            "--embedding", "dose=log", "--holdout", "dose=1000", "--steps", "10"]
+    assert main(base + ["--solver", "condot", "--set", "solver.inner_steps=1", "--set", "solver.hidden=[8]",
+                        "--out", str(out)]) == 0
+    final = FitResult.load(out).summary("mmd").set_index("perturbation")
+    assert sorted(final.index) == ["10", "100", "1000", "10000"]
+    assert (final["model"] < final["identity"]).all()
+    controls = tmp_path / "controls.h5ad"
+    adata[adata.obs["dose"] == "0"][:200].write_h5ad(controls)
+    shifts = {}
+    for dose in ("1000", "3000", "10000"):
+        capsys.readouterr()
+        assert main(["predict", "--run", str(out), "--data", str(controls), "--context", f"dose={dose}",
+                     "--out", str(tmp_path / f"p{dose}.h5ad")]) == 0
+        predicted = ad.read_h5ad(tmp_path / f"p{dose}.h5ad")
+        assert predicted.n_obs == 200 and set(predicted.obs["perturbation"]) == {dose}
+        assert (predicted.obs["dose"] == "0").all() and predicted.uns["perturbot"]["solver"] == "condot"  # source obs
+        shifts[dose] = np.linalg.norm(predicted.X.mean(0) - adata[adata.obs["dose"] == "0"][:200].X.mean(0))
+    assert shifts["1000"] < shifts["3000"] <= shifts["10000"] + 1e-4
+    for argv in (base + ["--solver", "cellot", "--out", str(tmp_path / "no")],
+                 ["predict", "--run", str(out), "--data", str(controls), "--context", "donor=3",
+                  "--out", str(tmp_path / "x.h5ad")],
+                 ["predict", "--run", str(out), "--data", str(controls), "--context", "dose=3000",
+                  "--perturbations", "10", "--out", str(tmp_path / "x.h5ad")]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("perturbot: error:"), err
