@@ -83,7 +83,7 @@ def effect_table(result: FitResult, metric: str = "mmd") -> pd.DataFrame:
     summary = summary[summary["metric"] == metric].drop(columns="metric").set_index("perturbation")
     maps = result.maps().set_index("perturbation")[["status", "best_step"]]
     table = maps.join(summary, how="left")
-    table["model/identity"] = table.get("model") / table.get("identity")
+    table["model/identity"] = table["model"] / table["identity"]
     if "gaussian" in table:
         table["model/gaussian"] = table["model"] / table["gaussian"]
     return table.sort_values("identity", ascending=False, na_position="last").rename_axis("map").reset_index()
@@ -320,7 +320,8 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, store: 
                         ("clusters", n_clusters)):
         if value < 1:
             raise DataError(f"--{name} must be >= 1, got {value}")
-    if RunDir(run_dir).exists() and RunDir(run_dir).read_info().get("kind") == "tune":
+    directory = RunDir(run_dir)
+    if directory.exists() and directory.read_info().get("kind") == "tune":
         return _render_search(Path(run_dir), out, store)
     result = FitResult.load(run_dir, store)
     prepared = PreparedData.load(result.dir.data)
