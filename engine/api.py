@@ -225,14 +225,16 @@ def prediction_frame(
     prepared: PreparedData, key: MapKey, cells: np.ndarray, weights: np.ndarray | None, sources: list[str]
 ) -> ad.AnnData:
     """Predicted cells of one map (already in data space) as AnnData with the input's var names;
-    obs['weight'] is the predicted weight per cell (NubOT's eta / zeta), 1 for balanced maps."""
+    obs['weight'] is the predicted weight per cell (NubOT's eta / zeta, 1 for balanced maps) times
+    the map's observed cell-count ratio when the run was given growth factors (`--growth`)."""
     obs = pd.DataFrame(
         {"source_cell": sources, "perturbation": key.perturbation},
         index=[f"{key.name}:{s}" for s in sources],
     )
     if key.group is not None:
         obs["group"] = key.group
-    obs["weight"] = np.ones(len(sources), np.float32) if weights is None else np.asarray(weights, np.float32)
+    relative = np.ones(len(sources), np.float32) if weights is None else np.asarray(weights, np.float32)
+    obs["weight"] = relative * np.float32(prepared.spec.growth_of(key))
     return ad.AnnData(X=np.asarray(cells, np.float32), obs=obs, var=pd.DataFrame(index=prepared.features))
 
 

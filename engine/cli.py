@@ -36,6 +36,9 @@ def _data_args(p: argparse.ArgumentParser, perturbations_help: str, with_data: b
     p.add_argument("--embedding", action="append", default=[], metavar="KEY=onehot|value|log",
                    help="embedding of a context key (default onehot; 'A+B' labels are multi-hot); value: the "
                         "label as a number, scaled; log: log10 of it, scaled")
+    p.add_argument("--growth", type=Path, metavar="CSV",
+                   help="observed cell-count ratios (treated / control) per perturbation: columns perturbation, "
+                        "growth [, group]; they multiply the predicted weights (nubot's obs['weight'])")
     p.add_argument("--preprocess", choices=PREPROCESSING, help="default none")
     p.add_argument("--hvg", type=int, metavar="N",
                    help="keep the N most highly variable features (Seurat dispersion on log1p expression, "
@@ -85,6 +88,28 @@ def _key_value(item: str, option: str) -> tuple[str, str]:
     return key, value
 
 
+def _read_growth(path: Path) -> dict[str, float]:
+    """{perturbation or "GROUP/PERTURBATION": factor} from a CSV with columns perturbation, growth [, group]."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype={"perturbation": str, "group": str})
+    except (OSError, ValueError) as err:
+        raise DataError(f"--growth {path}: {err}") from None
+    missing = {"perturbation", "growth"} - set(table.columns)
+    if missing:
+        raise DataError(f"--growth {path}: missing column(s) {', '.join(sorted(missing))}; columns: {', '.join(table.columns)}")
+    factors = pd.to_numeric(table["growth"], errors="coerce")
+    if factors.isna().any() or (factors <= 0).any():
+        raise DataError(f"--growth {path}: every growth must be a number > 0 (row {int((factors.isna() | (factors <= 0)).idxmax()) + 2})")
+    groups = table["group"].fillna("") if "group" in table else [""] * len(table)
+    names = [f"{g}/{p}" if g else str(p) for g, p in zip(groups, table["perturbation"])]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"--growth {path}: {repeated[0]!r} is listed twice")
+    return dict(zip(names, factors.astype(float)))
+
+
 def _resolve_config(args: argparse.Namespace, dataset: str | None, condition_key: str | None, control: str | None,
                     perturbations: str | None, split_by: str | None) -> Any:
     from engine.config import RunConfig
@@ -97,7 +122,7 @@ def _resolve_config(args: argparse.Namespace, dataset: str | None, condition_key
         embed=args.embed,
         obsm_key=args.obsm_key, select_on=args.select_on, seed=args.seed, solver=args.solver,
         context_keys=[k.strip() for k in args.context_keys.split(",") if k.strip()] if args.context_keys else None,
-        embeddings=args.embedding or None,
+        embeddings=args.embedding or None, growth=_read_growth(args.growth) if getattr(args, "growth", None) else None,
         published=args.published or None, steps=args.steps, device=getattr(args, "device", None),
         address=args.address, workers=getattr(args, "workers", None),
         gpus_per_worker=getattr(args, "gpus_per_worker", None),

@@ -22,7 +22,7 @@ from engine.train.loop import TrainConfig
 
 SECTIONS = ("dataset", "data", "solver", "train", "cluster")
 DATA_FLAGS = ("condition_key", "control", "perturbations", "split_by", "holdout", "preprocess", "hvg", "embed",
-              "obsm_key", "select_on", "context_keys", "embeddings")
+              "obsm_key", "select_on", "context_keys", "embeddings", "growth")
 TRAIN_FLAGS = ("steps", "device")
 CLUSTER_FLAGS = ("address", "workers", "gpus_per_worker")
 

@@ -62,8 +62,9 @@ def test_masses_of_the_true_map_give_the_growth_factors(setting):
     assert np.abs(e_cluster - truth).max() > 0.2  # e alone is not the growth factor
 
 
-def test_divergence_guard_freezes_a_map_whose_transport_cost_explodes():
-    """A map whose transport_cost exceeds solver.max_transport_cost (default 10) is logged inf,
+@pytest.mark.parametrize("dual", ["amortized", "minmax"])
+def test_divergence_guard_freezes_a_map_whose_transport_cost_explodes(dual):
+    """In both loops (the default and the paper's min-max), a map whose transport_cost exceeds solver.max_transport_cost (default 10) is logged inf,
     marked diverged and left at its step-0 state (its best); the other map of the stack goes on.
     Map 1's g starts at 0.5 * 30 |x|^2 (T(x) = 30 x: squared displacements ~100 times the data's spread)."""
     from engine.train.loop import TrainConfig, train_stack
@@ -73,7 +74,7 @@ def test_divergence_guard_freezes_a_map_whose_transport_cost_explodes():
     x = [rng.normal(size=(200, 2)).astype(np.float32) for _ in range(2)]
     y = [cells + 0.5 for cells in x]
     data = StackData(x, y, x, y, seeds=[1, 2], batch_size=64)
-    solver = build_solver("nubot", 2, 2, {"hidden": [16, 16], "weight_hidden": [16]})
+    solver = build_solver("nubot", 2, 2, {"hidden": [16, 16], "weight_hidden": [16], "dual": dual})
     solver.initialize(data, [1, 2])
     with torch.no_grad():
         solver.g.quadratic.matrix[1] *= 30.0
@@ -88,17 +89,17 @@ def test_divergence_guard_freezes_a_map_whose_transport_cost_explodes():
 
 
 # -- training: the paper's experiment (slow) -------------------------------------------------------
-# Not yet seen passing: on the shared 2-core machine (load 30-45) these were never run to the end.
-# Exploratory runs of the same stack (tmp script, 2000 cells per population): lr 1e-3 diverged by
-# step 300 (setting b moved by (134, 86)); lr 3e-4 was still wandering at step 500 (setting a's
-# weights (0.74, 1.47, 0.78) against (1.35, 1.35, 0.30)). SYNTHETIC_STEPS / SYNTHETIC_OPTIONS are a
-# first guess to be tuned on a free machine (the paper: lr 1e-4, 10k steps).
+# The default (amortised dual, engine.solvers.nubot): 3 maps x 600 steps in ~2 min on a free 2-core
+# machine. The paper's min-max loop did not get there (the solver's docstring has its numbers).
+# States are compared every EVAL_EVERY steps: until the cosine schedule has decayed (~step 400) the
+# smallest clusters' weights still move by +-0.2 between states, a change of < 1% of the mass that
+# the validation MMD cannot see, so a denser comparison picks a state at random among them (two
+# data seeds, eval every 100: max errors 0.03-0.26; every 200: 0.02-0.11).
 
-SYNTHETIC_STEPS = 1500
-SYNTHETIC_OPTIONS = {"lr": 3e-4, "weight_hidden": [32, 32]}  # eta, zeta 32 wide on the 2-D data, as the paper
+SYNTHETIC_STEPS = 600
+SYNTHETIC_OPTIONS = {"weight_hidden": [32, 32]}  # eta, zeta 32 wide on the 2-D data, as the paper
 BATCH = 400  # the paper's batches of 400 samples
-NOT_MET = pytest.mark.xfail(reason="issue 12 acceptance not met yet: NubOT's min-max did not converge in "
-                                   "exploratory runs; steps and lr still to be tuned", strict=False)
+EVAL_EVERY = 200
 
 
 def assert_weights_and_images(weights: np.ndarray, moved: np.ndarray, clusters: np.ndarray, setting: str) -> None:
@@ -111,7 +112,6 @@ def assert_weights_and_images(weights: np.ndarray, moved: np.ndarray, clusters: 
 
 
 @pytest.mark.slow
-@NOT_MET
 def test_synthetic_experiment_recovers_growth_factors_in_all_three_settings():
     """Settings a, b, c of table 1 as one stack of 3 maps (4000 cells per population, seed 11),
     SYNTHETIC_STEPS steps with SYNTHETIC_OPTIONS, best state by weighted validation MMD; scored on
@@ -128,7 +128,7 @@ def test_synthetic_experiment_recovers_growth_factors_in_all_three_settings():
     data = StackData(**populations, seeds=seeds, batch_size=BATCH)
     solver = build_solver("nubot", 3, 2, SYNTHETIC_OPTIONS)
     solver.initialize(data, seeds)
-    outcome = train_stack(solver, data, TrainConfig(steps=SYNTHETIC_STEPS, batch_size=BATCH, eval_every=100))
+    outcome = train_stack(solver, data, TrainConfig(steps=SYNTHETIC_STEPS, batch_size=BATCH, eval_every=EVAL_EVERY))
     assert outcome.diverged == [False] * 3
     x = [cells_of(fresh, s, "control") for s in SETTINGS]
     moved = solver.transport(torch.from_numpy(np.stack([cells for cells, _ in x])))
@@ -137,10 +137,10 @@ def test_synthetic_experiment_recovers_growth_factors_in_all_three_settings():
 
 
 @pytest.mark.slow
-@NOT_MET
 def test_cli_trains_setting_b_and_predicts_its_weights(ray_session, tmp_path):
-    """`perturbot train --solver nubot` on setting b (4000 cells per population, seed 21): the
-    predictions file's obs['weight'] of the held-out controls recovers (2.1, 0.6, 0.3)."""
+    """`perturbot train --solver nubot` on setting b (4000 cells per population, seed 21) with an
+    observed growth factor of 2 (`--growth`): the predictions file's obs['weight'] of the held-out
+    controls recovers (2.1, 0.6, 0.3) relative to each other, and their mean is about 2."""
     import anndata as ad
 
     from engine.cli import main
@@ -149,9 +149,11 @@ def test_cli_trains_setting_b_and_predicts_its_weights(ray_session, tmp_path):
     path = tmp_path / "clusters.h5ad"
     adata.write_h5ad(path)
     options = [f"solver.{key}={value}".replace(" ", "") for key, value in SYNTHETIC_OPTIONS.items()]
+    (tmp_path / "growth.csv").write_text("perturbation,growth\nshifted,2\n")
     argv = ["train", "--data", str(path), "--condition-key", "condition", "--control", "control",
             "--split-by", "group", "--solver", "nubot", "--steps", str(SYNTHETIC_STEPS), "--workers", "1",
-            "--set", f"train.batch_size={BATCH}", "--set", "train.eval_every=100", "--out", str(tmp_path / "run")]
+            "--growth", str(tmp_path / "growth.csv"),
+            "--set", f"train.batch_size={BATCH}", "--set", f"train.eval_every={EVAL_EVERY}", "--out", str(tmp_path / "run")]
     for option in options:
         argv += ["--set", option]
     assert main(argv) == 0
@@ -159,3 +161,51 @@ def test_cli_trains_setting_b_and_predicts_its_weights(ray_session, tmp_path):
     assert (predicted.obs["perturbation"] == "shifted").all()
     clusters = adata.obs["cluster"].loc[predicted.obs["source_cell"].to_numpy()].to_numpy()
     assert_weights_and_images(predicted.obs["weight"].to_numpy(), predicted.X, clusters, "b")
+    assert abs(predicted.obs["weight"].mean() / 2 - 1) < 0.1
+
+
+# -- growth factors (--growth) ---------------------------------------------------------------------
+
+def test_scaling_the_target_mass_leaves_the_relative_masses_unchanged():
+    """Why an observed growth factor r only scales the predicted weights: in the KL-unbalanced
+    problem, a target marginal of total mass r shifts the dual potentials by constants, so the plan
+    is scaled as a whole and e = b rowsum(P) / sum(P) (all NubOT trains on) does not move."""
+    from engine.ot.sinkhorn import unbalanced_sinkhorn
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 60, 3, generator=generator, dtype=torch.float64), torch.randn(2, 50, 3, generator=generator, dtype=torch.float64) + 1
+    cost = ((x[:, :, None] - y[:, None]) ** 2).sum(-1)
+    cost = cost / cost.amax((1, 2), keepdim=True)
+    uniform = torch.full((2, 50), 1 / 50, dtype=torch.float64)
+    plans = [unbalanced_sinkhorn(cost, b=uniform * r) for r in (1.0, 4.5)]
+    rows = [plan.sum(2) / plan.sum((1, 2), keepdim=True).squeeze(-1) for plan in plans]
+    torch.testing.assert_close(rows[1], rows[0], rtol=1e-6, atol=1e-9)
+    assert float(plans[1].sum() / plans[0].sum()) > 1.5  # the plan itself does carry the extra mass
+
+
+def test_growth_factors_scale_the_predicted_weights_of_their_maps(tmp_path):
+    """--growth CSV: a map name (GROUP/PERTURBATION) wins over its perturbation label; maps not
+    listed keep factor 1; prediction_frame multiplies obs['weight'] by the factor; bad files fail."""
+    from engine.api import prediction_frame
+    from engine.cli import _read_growth
+    from engine.data import DataSpec, MapKey
+    from engine.options import DataError
+
+    csv = tmp_path / "growth.csv"
+    csv.write_text("perturbation,growth,group\ndrug,2.0,\ndrug,0.5,lineB\n")
+    spec = DataSpec("condition", "control", split_by="line", growth=_read_growth(csv))
+    assert spec.growth == {"drug": 2.0, "lineB/drug": 0.5}
+    assert [spec.growth_of(MapKey(g, p)) for g, p in (("lineA", "drug"), ("lineB", "drug"), ("lineA", "other"))] == [2.0, 0.5, 1.0]
+
+    class Prepared:
+        features = ["f0", "f1"]
+
+    Prepared.spec = spec
+    frame = prediction_frame(Prepared(), MapKey("lineB", "drug"), np.zeros((3, 2)), np.array([1.0, 2.0, 4.0]), ["a", "b", "c"])
+    np.testing.assert_allclose(frame.obs["weight"], [0.5, 1.0, 2.0])
+    assert list(prediction_frame(Prepared(), MapKey("lineA", "drug"), np.zeros((2, 2)), None, ["a", "b"]).obs["weight"]) == [2.0, 2.0]
+    for text, message in (("perturbation,growth\ndrug,-1\n", "> 0"), ("perturbation\ndrug\n", "missing column"),
+                          ("perturbation,growth\ndrug,1\ndrug,2\n", "listed twice")):
+        csv.write_text(text)
+        with pytest.raises(DataError, match=message):
+            _read_growth(csv)

@@ -49,7 +49,7 @@ TRAINABLE = sorted(n for n, c in SOLVERS.items() if c.trainable)
 FAST: dict[str, dict[str, Any]] = {"cellot": {"inner_steps": 2, "hidden": [16, 16]},
                                    "condot": {"inner_steps": 1, "hidden": [8, 8]},
                                    "w1ot": {"hidden": [16, 16], "step_hidden": [16, 16]},
-                                   "nubot": {"hidden": [16, 16], "weight_hidden": [16], "lr_decay_every": 5}}
+                                   "nubot": {"hidden": [16, 16], "weight_hidden": [16]}}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

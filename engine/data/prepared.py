@@ -278,6 +278,11 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     )
     if spec.context_keys is not None:
         ContextEncoder.for_maps(spec, maps)  # bad labels for an embedding fail here, before any work
+    if spec.growth is not None:
+        named = {k.name for k in maps} | {k.perturbation for k in maps}
+        unknown = [label for label in spec.growth if label not in named]
+        if unknown:
+            raise DataError(f"growth factors name {name_some(unknown)}: neither a perturbation nor a map of this run")
     used = sorted({(key.group or "", c) for key in maps for c in (spec.control, key.perturbation)})
     _check_counts(used, all_pairs, spec)
 

@@ -83,6 +83,14 @@ class DataSpec:
     seed: int = 0  # split seed
     context_keys: tuple[str, ...] | None = None  # conditional solvers: the condition and/or split-by key
     embeddings: tuple[str, ...] = ()  # "KEY=onehot|value|log" per context key (default onehot)
+    growth: dict[str, float] | None = None  # observed cell-count ratio (treated / control) per perturbation
+    # label or map name "GROUP/PERTURBATION" (the latter wins): multiplies the predicted weights
+
+    def growth_of(self, key: MapKey) -> float:
+        """The observed cell-count ratio of a map (1 when not given): scales its predicted weights."""
+        if self.growth is None:
+            return 1.0
+        return self.growth.get(key.name, self.growth.get(key.perturbation, 1.0))
 
     def __post_init__(self) -> None:
         if self.perturbations is not None:
@@ -118,6 +126,11 @@ class DataSpec:
             raise DataError("embeddings need context keys (--context-keys)")
         if int(self.seed) < 0:
             raise DataError(f"seed must be >= 0, got {self.seed!r}")
+        if self.growth is not None:
+            bad = {k: v for k, v in self.growth.items() if not (isinstance(v, (int, float)) and 0 < v < float("inf"))}
+            if bad or not self.growth:
+                raise DataError(f"growth factors must be a non-empty mapping of labels to numbers > 0, got {bad or self.growth!r}")
+            object.__setattr__(self, "growth", {str(k): float(v) for k, v in self.growth.items()})
 
     def _check_context_keys(self) -> None:
         """Context keys: a non-empty subset of (condition key, split-by key), the split-by key included

@@ -38,7 +38,7 @@ from engine.nn.icnn import Init, StackedICNN
 from engine.ot.conjugate import fine_tune_conjugate
 from engine.ot.gaussian import COVARIANCE_RIDGE, bures_map
 from engine.solvers.base import Phase, Plan, StackSolver, Transport
-from engine.solvers.optim import adam_step, cosine_schedule
+from engine.solvers.optim import adam_step, cosine_schedule, potential_adam
 from engine.train.stack_data import StackData
 
 Dual = Literal["amortized", "minmax"]
@@ -94,16 +94,7 @@ class CellOT(StackSolver):
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.config
-
-        def adam(net: StackedICNN) -> torch.optim.Optimizer:
-            if net.quadratic is None:
-                return torch.optim.Adam(net.parameters(), lr=c.lr, betas=c.betas, fused=True)
-            gate = net.quadratic.gate
-            rest = [p for p in net.parameters() if p is not gate]
-            groups = [{"params": rest}, {"params": [gate], "lr": c.gate_lr}]
-            return torch.optim.Adam(groups, lr=c.lr, betas=c.betas, fused=True)
-
-        return {"f": adam(self.f), "g": adam(self.g)}
+        return {name: potential_adam(net, c.lr, c.gate_lr, c.betas) for name, net in (("f", self.f), ("g", self.g))}
 
     def build_schedulers(self, plan: Plan) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
         """Cosine over the whole plan, down to final_lr_fraction of each lr (or none: constant)."""

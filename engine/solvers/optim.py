@@ -1,9 +1,11 @@
-"""Optimisation helpers shared by the solvers: a stacked Adam step and the cosine schedule."""
+"""Optimisation helpers shared by the solvers: a stacked Adam step, Adam for a potential, the cosine schedule."""
 from __future__ import annotations
 
 import math
 
 import torch
+
+from engine.nn.icnn import StackedICNN
 
 
 def adam_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -28,3 +30,12 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int, final_fraction
         return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def potential_adam(net: StackedICNN, lr: float, gate_lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam over a potential's parameters; the gate on its quadratic start (if any) gets its own gate_lr."""
+    if net.quadratic is None:
+        return torch.optim.Adam(net.parameters(), lr=lr, betas=betas, fused=True)
+    gate = net.quadratic.gate
+    rest = [p for p in net.parameters() if p is not gate]
+    return torch.optim.Adam([{"params": rest}, {"params": [gate], "lr": gate_lr}], lr=lr, betas=betas, fused=True)
