@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import socket
 import threading
+import time
+
 import ray
 import torch
 from ray.train import FailureConfig, ScalingConfig
@@ -54,7 +56,11 @@ def train_worker(loop_config: dict) -> None:
         for split in layout.spec.splits
     ]
     refs = ray.get(shards.tables.remote(sorted(set(wanted))))
+    fetch_started = time.perf_counter()
     tables = dict(zip(refs, ray.get(list(refs.values()))))
+    megabytes = sum(table.nbytes for table in tables.values()) / 2**20
+    print(f"worker {rank} fetched {megabytes:.1f} MB of cells from the shard store in "
+          f"{time.perf_counter() - fetch_started:.2f} s", flush=True)  # the transfer a node pays, in its log
     prepared = dataclasses.replace(layout, tables=tables)
     if config.cluster.gpus_per_worker > 0:
         device = ray.train.torch.get_device()
