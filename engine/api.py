@@ -378,6 +378,7 @@ def fit(
     overrides: Sequence[str] = (),
     perturbations: list[str] | None = None,
     split_by: str | None = None,
+    groups: list[str] | None = None,
     holdout: tuple[str, str] | None = None,
     preprocess: str | None = None,
     hvg: int | None = None,
@@ -410,6 +411,7 @@ def fit(
     storage: a path every Ray node sees for what workers write (default `out`; see engine.rundir).
     Progress: a live bar on stderr (engine.progress.ProgressBar, as the CLI's), or each
     RunProgress to `on_progress` instead; progress=False shows nothing.
+    groups: with split_by, train only these groups' maps (the others' cells are not read).
     context_keys / embeddings: a conditional solver's contexts (["dose"], ["dose=log"]; engine.data.contexts).
     """
     adata = data if isinstance(data, ad.AnnData) else None
@@ -417,7 +419,7 @@ def fit(
         config, overrides,
         dataset="<in-memory AnnData>" if adata is not None else str(data),
         condition_key=condition_key, control=control, solver=solver, perturbations=perturbations,
-        split_by=split_by, holdout=holdout, preprocess=preprocess, hvg=hvg, embed=embed, obsm_key=obsm_key,
+        split_by=split_by, groups=groups, holdout=holdout, preprocess=preprocess, hvg=hvg, embed=embed, obsm_key=obsm_key,
         select_on=select_on, context_keys=context_keys, embeddings=embeddings, steps=steps, seed=seed,
         device=device, solver_params=solver_params,
         train_params=train, workers=workers, gpus_per_worker=gpus_per_worker, address=address,

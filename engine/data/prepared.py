@@ -193,6 +193,18 @@ def _perturbations(conditions: np.ndarray, spec: DataSpec) -> set[str]:
     return set(spec.perturbations)
 
 
+def _groups(groups: np.ndarray, spec: DataSpec) -> set[str]:
+    """The groups whose maps are made (spec.groups, checked against obs[split_by]; else every group)."""
+    present = set(pd.unique(groups))
+    if spec.groups is None:
+        return present
+    unknown = [g for g in spec.groups if g not in present]
+    if unknown:
+        raise DataError(f"group labels not found in obs[{spec.split_by!r}]: {name_some(unknown)}; "
+                        f"labels: {name_some(sorted(present))}")
+    return set(spec.groups)
+
+
 def _where(spec: DataSpec, group: str, condition: str) -> str:
     """'condition_key='label'[, split_by='group']' for messages."""
     return f"{spec.condition_key}={condition!r}" + (f", {spec.split_by}={group!r}" if spec.split_by else "")
@@ -252,7 +264,7 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     """Validate, select, split, preprocess, embed and rank markers (DESIGN.md "Data flow", step 1).
 
     Maps: every (group, perturbation) present, with the control cells of the same group (one group
-    when ``spec.split_by`` is None). Only the cells of the maps' (group, condition) pairs are kept.
+    when ``spec.split_by`` is None; only the groups ``spec.groups`` when given). Only the cells of the maps' (group, condition) pairs are kept.
     Cells are split per (group, condition) into ``spec.splits`` (engine.data.split). The preprocessing
     is fitted on control train cells; the highly variable features (``spec.hvg``) and the embedding
     (``spec.embed``) on all train cells (the autoencoder keeps its best state on valid cells); the
@@ -271,11 +283,14 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
         if not holdout.any():
             raise DataError(f"holdout value {value!r} not found in obs[{key!r}]")
     perturbations = _perturbations(conditions, spec)
+    wanted_groups = _groups(groups, spec)
     all_pairs = pair_indices(groups, conditions)
     maps = sorted(
-        (MapKey(g if spec.split_by else None, c) for g, c in all_pairs if c in perturbations),
+        (MapKey(g if spec.split_by else None, c) for g, c in all_pairs if c in perturbations and g in wanted_groups),
         key=lambda m: (m.group or "", m.perturbation),
     )
+    if not maps:
+        raise DataError(f"no map to make: none of the perturbations is in the groups {name_some(sorted(wanted_groups))}")
     if spec.context_keys is not None:
         ContextEncoder.for_maps(spec, maps)  # bad labels for an embedding fail here, before any work
     used = sorted({(key.group or "", c) for key in maps for c in (spec.control, key.perturbation)})
