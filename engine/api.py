@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
 import time
@@ -28,6 +29,7 @@ from engine.data import DataError, MapKey, PreparedData, prepare, read_h5ad
 from engine.data.contexts import context_map, map_contexts
 from engine.progress import ProgressBar, ProgressFn
 from engine.rundir import RunDir, default_run_dir
+from engine.storage import PathLike
 from engine.store import Store
 from engine.train.evaluation import BASELINE_MAPS, evaluate_maps, metric_rows
 from engine.train.saved_maps import SavedMaps, predict_cells
@@ -248,7 +250,7 @@ def file_sha256(path: Path) -> str:
 
 
 def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None, adata: ad.AnnData | None = None,
-        on_progress: ProgressFn | None = None, resume: bool = False, storage: str | Path | None = None) -> FitResult:
+        on_progress: ProgressFn | None = None, resume: bool = False, storage: PathLike | None = None) -> FitResult:
     """Prepare the data, train every map on Ray (one TorchTrainer fit), write predictions and the store.
 
     A run_dir that already holds a run is an error unless `resume` (then: resume_run, with `config`
@@ -259,7 +261,7 @@ def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None, ad
         if not resume:
             raise DataError(f"{run_dir} already holds a run; finish it with `perturbot train --resume {run_dir}` "
                             "or choose another --out")
-        return resume_run(directory.root, config, store_url, on_progress)
+        return resume_run(directory.root, config, store_url, on_progress, storage)
     adata = read_h5ad(config.dataset) if adata is None else adata
     prepared = prepare(adata, config.data)
     placed = dataclasses.replace(config, cluster=_place(config, len(prepared.maps)))
@@ -278,14 +280,16 @@ def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None, ad
 
 
 def resume_run(run_dir: str | Path, config: RunConfig | None = None, store_url: str | None = None,
-               on_progress: ProgressFn | None = None) -> FitResult:
+               on_progress: ProgressFn | None = None, storage: PathLike | None = None) -> FitResult:
     """Finish a stopped run (interrupted, killed, failed): finished stacks (their maps file exists)
     are kept, the others resume from their last checkpoint; maps that failed are tried again.
 
     The run's own config.yaml is used; a `config` given (the same train command with --resume) must
-    equal it but for cluster.address (a run may resume on another cluster).
+    equal it but for cluster.address (a run may resume on another cluster). `storage`: the run's
+    storage location, by default the one run.json names (give it for a filesystem object, which
+    run.json cannot name).
     """
-    directory = RunDir(run_dir)
+    directory = RunDir(run_dir, storage)
     if not directory.exists():
         raise DataError(f"{run_dir} holds no run to resume (no run.json)")
     saved = RunConfig.load(directory.config)
@@ -355,7 +359,7 @@ def write_predictions(directory: RunDir, prepared: PreparedData) -> Path:
     keys = {k.name: k for k in prepared.maps}
     parts = []
     for path in directory.all_stack_predictions():
-        with np.load(path) as saved:
+        with np.load(io.BytesIO(path.read_bytes())) as saved:
             for i, name in enumerate(saved["maps"]):
                 key = keys[str(name)]
                 sources = prepared.cell_names(key.group, prepared.spec.control, "test")
@@ -397,7 +401,7 @@ def fit(
     address: str | None = None,
     out: str | Path | None = None,
     store: str | None = None,
-    storage: str | Path | None = None,
+    storage: PathLike | None = None,
     resume: bool = False,
     on_progress: ProgressFn | None = None,
     progress: bool = True,
@@ -408,7 +412,8 @@ def fit(
     style `section.key=value` strings; keyword arguments left at None take the file's value or the
     default (RunConfig.resolve). condition_key and control are required unless the file gives them.
     resume: `out` may hold a stopped run of the same settings, which is finished (resume_run).
-    storage: a path every Ray node sees for what workers write (default `out`; see engine.rundir).
+    storage: where workers write (default `out`): a path every Ray node sees, an s3:// or gs:// URI, or an
+    engine.storage.StoragePath over any pyarrow filesystem (engine.rundir).
     Progress: a live bar on stderr (engine.progress.ProgressBar, as the CLI's), or each
     RunProgress to `on_progress` instead; progress=False shows nothing.
     groups: with split_by, train only these groups' maps (the others' cells are not read).
