@@ -13,7 +13,8 @@ markers, arcsinh(x/5) already in X), one map per donor (`--split-by patient_id`)
 3. Per donor, the test `mmd` (6 gammas) of both models beside identity, observed, mean_shift and
    gaussian (the Bures map fitted on the donor's training cells), means over the seeds; the baselines
    are checked equal in both runs of a seed (same cells, same subsamples).
-Work (the search and the runs) stays under --work (default benchmarks/out/tune_bcrxl/, replaced).
+Work (the search and the runs) stays under --work (default benchmarks/out/tune_bcrxl/, replaced);
+`--search DIR` trains with a finished search's best.yaml instead of running one (its settings).
 """
 from __future__ import annotations
 
@@ -27,11 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import yaml
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import emit  # noqa: E402
 from engine.api import FitResult  # noqa: E402
+from engine.config import RunConfig  # noqa: E402
 from engine.cli import main as perturbot  # noqa: E402
 from engine.data import read_h5ad  # noqa: E402
 from engine.store import Store  # noqa: E402
@@ -70,11 +75,13 @@ def search_summary(search: Path) -> dict[str, Any]:
     info = json.loads((search / "run.json").read_text())
     with Store(info["store"]) as store:
         board, identity = leaderboard(store, info["run_id"])
+        run = store.runs().set_index("run_id").loc[info["run_id"]]
     params = [c for c in board.columns if "." in c]
     best = board.iloc[0]
     return {
         "run_id": info["run_id"],
         "trials": {k: int(v) for k, v in board["status"].value_counts().items()},
+        "wall_s_in_store": (pd.Timestamp(run["finished_at"]) - pd.Timestamp(run["created_at"])).total_seconds(),
         "identity_valid_mmd": identity,
         "best": {"trial_id": best["trial_id"], "best_mmd": float(best["best_mmd"]), "ratio": float(best["ratio"]),
                  "params": {c: _plain(best[c]) for c in params}},
@@ -94,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--seeds", default="0", help="comma-separated training seeds of both runs (default 0)")
     p.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out" / "tune_bcrxl")
+    p.add_argument("--search", type=Path, help="a finished search to use instead of running one (its tuning donors, "
+                                               "steps and eval period; its wall time from the store)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -101,22 +110,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{args.data} is absent (the shared datasets beside the repository)")
     donors = sorted(map(str, read_h5ad(args.data).obs[DONOR].unique()))
     tuning = args.tune_donors.split(",") if args.tune_donors else donors[:3]
+    if args.search is not None:  # its settings, not the flags'
+        searched = RunConfig.load(args.search / "config.yaml")
+        tuning, args.steps, args.eval_every = list(searched.data.groups), searched.train.steps, searched.train.eval_every
+        args.samples = yaml.safe_load((args.search / "search.yaml").read_text())["samples"]
     held = [d for d in donors if d not in tuning]
     seeds = [int(s) for s in args.seeds.split(",")]
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
     data = ["--data", str(args.data), "--condition-key", CONDITION, "--control", CONTROL, "--split-by", DONOR]
     budget = ["--steps", str(args.steps), "--set", f"train.eval_every={args.eval_every}"]
 
-    search = args.work / "search"
-    wall = {"search_s": _run(["tune", *data, "--only-groups", ",".join(tuning), "--solver", "cellot",
-                              "--samples", str(args.samples), "--scheduler", "asha",
-                              "--max-concurrent", str(args.max_concurrent), *budget, "--out", str(search)], log)}
+    wall: dict[str, float] = {}
+    search = args.search or args.work / "search"
+    if args.search is None:
+        shutil.rmtree(args.work, ignore_errors=True)
+        wall["search_s"] = _run(["tune", *data, "--only-groups", ",".join(tuning), "--solver", "cellot",
+                                 "--samples", str(args.samples), "--scheduler", "asha",
+                                 "--max-concurrent", str(args.max_concurrent), *budget, "--out", str(search)], log)
     runs: dict[str, dict[int, dict[str, dict[str, float]]]] = {"tuned": {}, "default": {}}
     for seed in seeds:
         seed_set = ["--set", f"train.seed={seed}"]
         for name, command in (("tuned", ["--config", str(search / "best.yaml")]), ("default", [*data, "--solver", "cellot"])):
             out = args.work / f"{name}-seed{seed}"
+            shutil.rmtree(out, ignore_errors=True)
             wall[f"train_{name}_seed{seed}_s"] = _run(["train", *command, "--only-groups", ",".join(held), *budget,
                                                        *seed_set, "--out", str(out)], log)
             runs[name][seed] = test_mmd(out)
