@@ -10,11 +10,13 @@ It pickles with its filesystem, so Ray workers and actors receive it as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import io
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from engine.options import DataError
@@ -92,13 +94,18 @@ class StoragePath:
         with self.fs.open_input_stream(self.path) as stream:
             return stream.read()
 
-    def write_bytes(self, data: bytes) -> None:
-        """Write the whole file: to NAME.tmp, then moved onto NAME."""
+    @contextlib.contextmanager
+    def open_output(self) -> Iterator[pa.NativeFile]:
+        """A stream that writes the whole file: to NAME.tmp, moved onto NAME when the block ends."""
         self.parent.mkdir()
         tmp = f"{self.path}.tmp"
         with self.fs.open_output_stream(tmp) as stream:
-            stream.write(data)
+            yield stream
         self.fs.move(tmp, self.path)
+
+    def write_bytes(self, data: bytes) -> None:
+        with self.open_output() as stream:
+            stream.write(data)
 
     def read_text(self) -> str:
         return self.read_bytes().decode()

@@ -24,8 +24,8 @@ from engine.data.io import aligned_features, feature_matrix
 from engine.data.markers import rank_markers
 from engine.data.preprocess import Preprocessing
 from engine.data.spec import DataError, DataSpec, MapKey, name_some
-from engine.storage import PathLike, StoragePath, as_storage, to_bytes
 from engine.data.split import SPLITS, TRAIN, pair_indices, split_cells
+from engine.storage import PathLike, StoragePath, as_storage, to_bytes
 
 FORMAT = 2  # 2: valid split and DataSpec.select_on; format 1 had train/test tables only
 
@@ -113,10 +113,8 @@ class PreparedData:
         entries = []
         for i, ((group, condition, split), table) in enumerate(sorted(self.tables.items())):
             file = f"cells_{i:05d}.arrow"
-            sink = pa.BufferOutputStream()
-            with ipc.new_file(sink, table.schema) as writer:
+            with (directory / file).open_output() as sink, ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
-            (directory / file).write_bytes(sink.getvalue())
             entries.append({"group": group, "condition": condition, "split": split, "file": file})
         arrays = {"markers": np.stack([self.markers[key.name] for key in self.maps])}
         if self.preprocessing.scale is not None:
