@@ -13,8 +13,9 @@ markers, arcsinh(x/5) already in X), one map per donor (`--split-by patient_id`)
 3. Per donor, the test `mmd` (6 gammas) of both models beside identity, observed, mean_shift and
    gaussian (the Bures map fitted on the donor's training cells), means over the seeds; the baselines
    are checked equal in both runs of a seed (same cells, same subsamples).
-Work (the search and the runs) stays under --work (default benchmarks/out/tune_bcrxl/, replaced);
-`--search DIR` trains with a finished search's best.yaml instead of running one (its settings).
+Work (the search and the runs) stays under --work (default benchmarks/out/tune_bcrxl/, replaced unless
+`--reuse`, which keeps the finished search and runs there and runs only what is missing); wall times
+come from the store (each run's created_at to finished_at).
 """
 from __future__ import annotations
 
@@ -24,12 +25,11 @@ import json
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
+import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,24 +38,44 @@ from benchmarks.report import emit  # noqa: E402
 from engine.api import FitResult  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
 from engine.cli import main as perturbot  # noqa: E402
-from engine.data import read_h5ad  # noqa: E402
+from engine.data import PreparedData, read_h5ad  # noqa: E402
+from engine.solvers import build_solver  # noqa: E402
 from engine.store import Store  # noqa: E402
+from engine.train.loop import validation_mmd  # noqa: E402
+from engine.train.stack import stack_data  # noqa: E402
 from tune.results import leaderboard  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "catalyst_bodenmiller_bcrxl" / "bcrxl_16samples.h5ad"
-CONDITION, CONTROL, DONOR, STIMULUS = "condition", "Ref", "patient_id", "BCRXL"
+CONDITION, CONTROL, DONOR = "condition", "Ref", "patient_id"
 BASELINES = ("identity", "observed", "mean_shift", "gaussian")
 
 
-def _run(argv: list[str], log: Any) -> float:
-    """Run a perturbot command in this process (its messages to stderr); its wall seconds."""
+def _run(argv: list[str], log: Any) -> None:
+    """Run a perturbot command in this process (its messages to stderr)."""
     log("perturbot " + " ".join(argv))
-    started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         code = perturbot(argv)
     if code != 0:
         raise SystemExit(f"perturbot {argv[0]} exited {code}")
-    return time.perf_counter() - started
+
+
+def wall_seconds(directory: Path) -> float:
+    """A run's (or search's) wall time, from its runs row in the store (created_at to finished_at)."""
+    info = json.loads((directory / "run.json").read_text())
+    with Store(info["store"]) as store:
+        run = store.runs().set_index("run_id").loc[info["run_id"]]
+    return (pd.Timestamp(run["finished_at"]) - pd.Timestamp(run["created_at"])).total_seconds()
+
+
+def bures_valid_mmd(search: Path) -> float:
+    """The Bures (gaussian) map's mean validation mmd over the search's tuning maps: the same cells and
+    score as a trial's report, for one state (a trial's best_mmd is the best of its reports)."""
+    config = RunConfig.load(search / "config.yaml")
+    prepared = PreparedData.load(search / "data")
+    data = stack_data(prepared, prepared.maps, config, torch.device("cpu"))
+    bures = build_solver("gaussian", len(prepared.maps), data.dim)
+    bures.init_from_data(data)
+    return float(validation_mmd(bures, data).double().mean())
 
 
 def test_mmd(run: Path) -> dict[str, dict[str, float]]:
@@ -75,14 +95,13 @@ def search_summary(search: Path) -> dict[str, Any]:
     info = json.loads((search / "run.json").read_text())
     with Store(info["store"]) as store:
         board, identity = leaderboard(store, info["run_id"])
-        run = store.runs().set_index("run_id").loc[info["run_id"]]
     params = [c for c in board.columns if "." in c]
     best = board.iloc[0]
     return {
         "run_id": info["run_id"],
         "trials": {k: int(v) for k, v in board["status"].value_counts().items()},
-        "wall_s_in_store": (pd.Timestamp(run["finished_at"]) - pd.Timestamp(run["created_at"])).total_seconds(),
         "identity_valid_mmd": identity,
+        "bures_valid_mmd": bures_valid_mmd(search),
         "best": {"trial_id": best["trial_id"], "best_mmd": float(best["best_mmd"]), "ratio": float(best["ratio"]),
                  "params": {c: _plain(best[c]) for c in params}},
         "leaderboard": [{"trial_id": r["trial_id"], "status": r["status"], "step": int(r["step"]),
@@ -101,8 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--seeds", default="0", help="comma-separated training seeds of both runs (default 0)")
     p.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out" / "tune_bcrxl")
-    p.add_argument("--search", type=Path, help="a finished search to use instead of running one (its tuning donors, "
-                                               "steps and eval period; its wall time from the store)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the search and runs that --work already holds; run only what is missing")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -110,30 +129,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{args.data} is absent (the shared datasets beside the repository)")
     donors = sorted(map(str, read_h5ad(args.data).obs[DONOR].unique()))
     tuning = args.tune_donors.split(",") if args.tune_donors else donors[:3]
-    if args.search is not None:  # its settings, not the flags'
-        searched = RunConfig.load(args.search / "config.yaml")
-        tuning, args.steps, args.eval_every = list(searched.data.groups), searched.train.steps, searched.train.eval_every
-        args.samples = yaml.safe_load((args.search / "search.yaml").read_text())["samples"]
     held = [d for d in donors if d not in tuning]
     seeds = [int(s) for s in args.seeds.split(",")]
     data = ["--data", str(args.data), "--condition-key", CONDITION, "--control", CONTROL, "--split-by", DONOR]
     budget = ["--steps", str(args.steps), "--set", f"train.eval_every={args.eval_every}"]
-
-    wall: dict[str, float] = {}
-    search = args.search or args.work / "search"
-    if args.search is None:
+    if not args.reuse:
         shutil.rmtree(args.work, ignore_errors=True)
-        wall["search_s"] = _run(["tune", *data, "--only-groups", ",".join(tuning), "--solver", "cellot",
-                                 "--samples", str(args.samples), "--scheduler", "asha",
-                                 "--max-concurrent", str(args.max_concurrent), *budget, "--out", str(search)], log)
+
+    def missing(directory: Path) -> bool:
+        if (directory / "run.json").exists():
+            return False
+        shutil.rmtree(directory, ignore_errors=True)  # an unfinished attempt
+        return True
+
+    search = args.work / "search"
+    if missing(search):
+        _run(["tune", *data, "--only-groups", ",".join(tuning), "--solver", "cellot", "--samples", str(args.samples),
+              "--scheduler", "asha", "--max-concurrent", str(args.max_concurrent), *budget, "--out", str(search)], log)
+    wall = {"search": wall_seconds(search)}
     runs: dict[str, dict[int, dict[str, dict[str, float]]]] = {"tuned": {}, "default": {}}
     for seed in seeds:
-        seed_set = ["--set", f"train.seed={seed}"]
         for name, command in (("tuned", ["--config", str(search / "best.yaml")]), ("default", [*data, "--solver", "cellot"])):
             out = args.work / f"{name}-seed{seed}"
-            shutil.rmtree(out, ignore_errors=True)
-            wall[f"train_{name}_seed{seed}_s"] = _run(["train", *command, "--only-groups", ",".join(held), *budget,
-                                                       *seed_set, "--out", str(out)], log)
+            if missing(out):
+                _run(["train", *command, "--only-groups", ",".join(held), *budget, "--set", f"train.seed={seed}",
+                      "--out", str(out)], log)
+            wall[f"train_{name}_seed{seed}"] = wall_seconds(out)
             runs[name][seed] = test_mmd(out)
 
     per_donor = {}
