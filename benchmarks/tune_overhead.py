@@ -40,7 +40,7 @@ def per_trial_seconds(config: RunConfig, trials: int, reuse: bool, root: Path) -
     settings = SearchSettings(space=SPACE, samples=trials, scheduler="fifo", max_concurrent=1, reuse_actors=reuse)
     with contextlib.redirect_stdout(sys.stderr):  # Tune's messages; stdout carries the JSON only
         result = start(config, settings, root / f"search-{reuse}-{time.time_ns()}")
-    state = sorted((result.dir.ray_storage / result.run_id).glob("experiment_state-*.json"))[-1]
+    state = (result.dir.ray_storage / result.run_id).glob("experiment_state-*.json")[-1]  # sorted by name
     metadata = [json.loads(m) if isinstance(m, str) else m for _, m in json.loads(state.read_text())["trial_data"]]
     return (max(m["last_result_time"] for m in metadata) - min(m["start_time"] for m in metadata)) / trials
 

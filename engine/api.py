@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
 import time
@@ -28,6 +29,7 @@ from engine.data import DataError, MapKey, PreparedData, prepare, read_h5ad
 from engine.data.contexts import context_map, map_contexts
 from engine.progress import ProgressBar, ProgressFn
 from engine.rundir import RunDir, default_run_dir
+from engine.storage import PathLike
 from engine.store import Store
 from engine.train.evaluation import BASELINE_MAPS, evaluate_maps, metric_rows
 from engine.train.saved_maps import SavedMaps, predict_cells
@@ -250,7 +252,7 @@ def file_sha256(path: Path) -> str:
 
 
 def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None, adata: ad.AnnData | None = None,
-        on_progress: ProgressFn | None = None, resume: bool = False, storage: str | Path | None = None) -> FitResult:
+        on_progress: ProgressFn | None = None, resume: bool = False, storage: PathLike | None = None) -> FitResult:
     """Prepare the data, train every map on Ray (one TorchTrainer fit), write predictions and the store.
 
     A run_dir that already holds a run is an error unless `resume` (then: resume_run, with `config`
@@ -261,7 +263,7 @@ def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None, ad
         if not resume:
             raise DataError(f"{run_dir} already holds a run; finish it with `perturbot train --resume {run_dir}` "
                             "or choose another --out")
-        return resume_run(directory.root, config, store_url, on_progress)
+        return resume_run(directory.root, config, store_url, on_progress, storage)
     adata = read_h5ad(config.dataset) if adata is None else adata
     prepared = prepare(adata, config.data)
     placed = dataclasses.replace(config, cluster=_place(config, len(prepared.maps)))
@@ -280,14 +282,16 @@ def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None, ad
 
 
 def resume_run(run_dir: str | Path, config: RunConfig | None = None, store_url: str | None = None,
-               on_progress: ProgressFn | None = None) -> FitResult:
+               on_progress: ProgressFn | None = None, storage: PathLike | None = None) -> FitResult:
     """Finish a stopped run (interrupted, killed, failed): finished stacks (their maps file exists)
     are kept, the others resume from their last checkpoint; maps that failed are tried again.
 
     The run's own config.yaml is used; a `config` given (the same train command with --resume) must
-    equal it but for cluster.address (a run may resume on another cluster).
+    equal it but for cluster.address (a run may resume on another cluster). `storage`: the run's
+    storage location, by default the one run.json names (give it for a filesystem object, which
+    run.json cannot name).
     """
-    directory = RunDir(run_dir)
+    directory = RunDir(run_dir, storage)
     if not directory.exists():
         raise DataError(f"{run_dir} holds no run to resume (no run.json)")
     saved = RunConfig.load(directory.config)
@@ -357,7 +361,7 @@ def write_predictions(directory: RunDir, prepared: PreparedData) -> Path:
     keys = {k.name: k for k in prepared.maps}
     parts = []
     for path in directory.all_stack_predictions():
-        with np.load(path) as saved:
+        with np.load(io.BytesIO(path.read_bytes())) as saved:
             for i, name in enumerate(saved["maps"]):
                 key = keys[str(name)]
                 sources = prepared.cell_names(key.group, prepared.spec.control, "test")
@@ -380,6 +384,7 @@ def fit(
     overrides: Sequence[str] = (),
     perturbations: list[str] | None = None,
     split_by: str | None = None,
+    groups: list[str] | None = None,
     holdout: tuple[str, str] | None = None,
     preprocess: str | None = None,
     hvg: int | None = None,
@@ -398,7 +403,7 @@ def fit(
     address: str | None = None,
     out: str | Path | None = None,
     store: str | None = None,
-    storage: str | Path | None = None,
+    storage: PathLike | None = None,
     resume: bool = False,
     on_progress: ProgressFn | None = None,
     progress: bool = True,
@@ -409,9 +414,11 @@ def fit(
     style `section.key=value` strings; keyword arguments left at None take the file's value or the
     default (RunConfig.resolve). condition_key and control are required unless the file gives them.
     resume: `out` may hold a stopped run of the same settings, which is finished (resume_run).
-    storage: a path every Ray node sees for what workers write (default `out`; see engine.rundir).
+    storage: where workers write (default `out`): a path every Ray node sees, an s3:// or gs:// URI, or an
+    engine.storage.StoragePath over any pyarrow filesystem (engine.rundir).
     Progress: a live bar on stderr (engine.progress.ProgressBar, as the CLI's), or each
     RunProgress to `on_progress` instead; progress=False shows nothing.
+    groups: with split_by, train only these groups' maps (the others' cells are not read).
     context_keys / embeddings: a conditional solver's contexts (["dose"], ["dose=log"]; engine.data.contexts).
     """
     adata = data if isinstance(data, ad.AnnData) else None
@@ -419,7 +426,7 @@ def fit(
         config, overrides,
         dataset="<in-memory AnnData>" if adata is not None else str(data),
         condition_key=condition_key, control=control, solver=solver, perturbations=perturbations,
-        split_by=split_by, holdout=holdout, preprocess=preprocess, hvg=hvg, embed=embed, obsm_key=obsm_key,
+        split_by=split_by, groups=groups, holdout=holdout, preprocess=preprocess, hvg=hvg, embed=embed, obsm_key=obsm_key,
         select_on=select_on, context_keys=context_keys, embeddings=embeddings, steps=steps, seed=seed,
         device=device, solver_params=solver_params,
         train_params=train, workers=workers, gpus_per_worker=gpus_per_worker, address=address,

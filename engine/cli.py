@@ -22,13 +22,14 @@ from engine.solvers import SOLVERS
 DEMO_STEPS = 1000  # the demo's default budget (a few minutes on a laptop CPU); --steps overrides
 
 
-def _data_args(p: argparse.ArgumentParser, perturbations_help: str, with_data: bool = True) -> None:
+def _data_args(p: argparse.ArgumentParser, perturbations_help: str, groups_help: str, with_data: bool = True) -> None:
     if with_data:
         p.add_argument("--data", help="input .h5ad (dense or sparse X, or --obsm-key); or `dataset` in --config")
         p.add_argument("--condition-key", help="obs column holding the condition labels (or data.condition_key)")
         p.add_argument("--control", help="control label in that column (or data.control)")
         p.add_argument("--perturbations", help=perturbations_help)
     p.add_argument("--split-by", help="obs key: one map per (group, perturbation), controls from the same group")
+    p.add_argument("--only-groups", metavar="G[,G]", help=groups_help)
     p.add_argument("--holdout", metavar="KEY=VALUE", help="cells with obs[KEY]==VALUE form the test split (o.o.s.); "
                    "with --context-keys a context whose cells are all held out is not trained on, only evaluated")
     p.add_argument("--context-keys", metavar="KEY[,KEY]",
@@ -67,7 +68,9 @@ def _solver_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
-    _data_args(p, "'all' (default) or a comma-separated list of labels", with_data)
+    _data_args(p, "'all' (default) or a comma-separated list of labels",
+               "with --split-by: train only these groups' maps (comma-separated labels of that key; default all, "
+               "or data.groups)", with_data)
     if with_data:
         p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
                        help="finish a stopped run: its unfinished maps from their last checkpoints (`--resume "
@@ -75,7 +78,8 @@ def _train_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
     _solver_args(p)
     p.add_argument("--out", type=Path, help="run directory (default runs/<time>)")
     p.add_argument("--storage", help="where workers write cells, checkpoints, maps, predictions: a path every node "
-                                      "mounts (default: the run directory)")
+                                      "mounts, or s3://BUCKET/PREFIX, gs://BUCKET/PREFIX (pyarrow filesystems; "
+                                      "default: the run directory)")
     p.add_argument("--device", help="auto (default: a GPU per worker when Ray has GPUs) | cpu | cuda | cuda:N")
     p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
@@ -116,9 +120,10 @@ def _resolve_config(args: argparse.Namespace, dataset: str | None, condition_key
 
     holdout = list(_key_value(args.holdout, "--holdout")) if args.holdout else None
     wanted = None if perturbations in (None, "all") else [p.strip() for p in perturbations.split(",") if p.strip()]
+    groups = [g.strip() for g in args.only_groups.split(",") if g.strip()] if args.only_groups else None
     return RunConfig.resolve(
         args.config, args.set, dataset=dataset, condition_key=condition_key, control=control,
-        perturbations=wanted, split_by=split_by, holdout=holdout, preprocess=args.preprocess, hvg=args.hvg,
+        perturbations=wanted, split_by=split_by, groups=groups, holdout=holdout, preprocess=args.preprocess, hvg=args.hvg,
         embed=args.embed,
         obsm_key=args.obsm_key, select_on=args.select_on, seed=args.seed, solver=args.solver,
         context_keys=[k.strip() for k in args.context_keys.split(",") if k.strip()] if args.context_keys else None,
@@ -404,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p, with_data=False)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("tune", help="hyperparameter search with Ray Tune: leaderboard in the store, best config as YAML")
-    _data_args(p, "the tuning subset: comma-separated perturbation labels (default: all)")
+    _data_args(p, "the tuning subset: comma-separated perturbation labels (default: all)",
+               "with --split-by: the tuning subset's groups, e.g. three donors (comma-separated labels of that "
+               "key; default all); best.yaml keeps every group")
     _solver_args(p)
     p.add_argument("--space", type=Path, help="search space YAML (default: the solver's, shipped in tune/spaces/)")
     p.add_argument("--samples", type=int, default=16, help="trials (default 16)")

@@ -21,7 +21,7 @@ from engine.train.device import parse_device
 from engine.train.loop import TrainConfig
 
 SECTIONS = ("dataset", "data", "solver", "train", "cluster")
-DATA_FLAGS = ("condition_key", "control", "perturbations", "split_by", "holdout", "preprocess", "hvg", "embed",
+DATA_FLAGS = ("condition_key", "control", "perturbations", "split_by", "groups", "holdout", "preprocess", "hvg", "embed",
               "obsm_key", "select_on", "context_keys", "embeddings", "growth")
 TRAIN_FLAGS = ("steps", "device")
 CLUSTER_FLAGS = ("address", "workers", "gpus_per_worker")

@@ -8,7 +8,8 @@
     metrics.sqlite           the default store
 
 and, in the run's storage location (the run directory itself unless `--storage` names another
-place: on a cluster, a path every node mounts), everything the workers read and write:
+place: on a cluster, a path every node mounts, or an object store, s3:// or gs://; engine.storage),
+everything the workers read and write:
 
     data/                    the prepared Arrow cell tables, embedding and markers
     checkpoints/             stack-*.train.pt (resume), stack-*.maps.pt (the best maps, final)
@@ -21,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from engine.options import DataError
+from engine.storage import PathLike, StoragePath, as_storage
 
 
 def default_run_dir(prefix: str = "") -> Path:
@@ -29,25 +30,16 @@ def default_run_dir(prefix: str = "") -> Path:
     return Path("runs") / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def storage_path(uri: str | Path) -> Path:
-    """A storage location as a local (or mounted, e.g. NFS) absolute path; object stores are refused."""
-    text = str(uri)
-    if "://" in text and not text.startswith("file://"):
-        raise DataError(f"--storage {text}: only paths are supported (local, or mounted on every node such as NFS); "
-                        "s3:// and gs:// are not yet")
-    return Path(text.removeprefix("file://")).resolve()
-
-
 class RunDir:
     """Paths of one run directory and its storage location; nothing else in the engine spells them out.
 
     `storage` defaults to the one recorded in run.json, else the run directory itself."""
 
-    def __init__(self, root: str | Path, storage: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path, storage: PathLike | None = None) -> None:
         self.root = Path(root)
         if storage is None and self.info.exists():
             storage = self.read_info().get("storage")
-        self.storage = storage_path(storage) if storage is not None else self.root.resolve()
+        self.storage: StoragePath = as_storage(self.root if storage is None else storage)
 
     @property
     def config(self) -> Path:
@@ -66,7 +58,7 @@ class RunDir:
         return self.root / "best.yaml"
 
     @property
-    def data(self) -> Path:
+    def data(self) -> StoragePath:
         return self.storage / "data"
 
     @property
@@ -74,7 +66,7 @@ class RunDir:
         return self.root / "predictions.h5ad"
 
     @property
-    def ray_storage(self) -> Path:
+    def ray_storage(self) -> StoragePath:
         return self.storage / "ray"
 
     @property
@@ -87,25 +79,25 @@ class RunDir:
     def exists(self) -> bool:
         return self.info.exists()
 
-    def train_checkpoint(self, stack: str) -> Path:
+    def train_checkpoint(self, stack: str) -> StoragePath:
         return self.storage / "checkpoints" / f"{stack}.train.pt"
 
-    def maps_file(self, stack: str) -> Path:
+    def maps_file(self, stack: str) -> StoragePath:
         return self.storage / "checkpoints" / f"{stack}.maps.pt"
 
-    def saved_maps(self) -> list[Path]:
+    def saved_maps(self) -> list[StoragePath]:
         """Every finished stack's maps file, in a stable order."""
-        return sorted((self.storage / "checkpoints").glob("*.maps.pt"))
+        return (self.storage / "checkpoints").glob("*.maps.pt")
 
-    def stack_predictions(self, stack: str) -> Path:
+    def stack_predictions(self, stack: str) -> StoragePath:
         return self.storage / "predictions" / f"{stack}.npz"
 
-    def all_stack_predictions(self) -> list[Path]:
-        return sorted((self.storage / "predictions").glob("*.npz"))
+    def all_stack_predictions(self) -> list[StoragePath]:
+        return (self.storage / "predictions").glob("*.npz")
 
     def write_info(self, run_id: str, store_url: str, kind: str = "train") -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        own = self.storage == self.root.resolve()  # the default: not recorded, so a copied run reads its own files
+        own = self.storage.local == self.root.resolve()  # the default: not recorded, so a copied run reads its own files
         self.info.write_text(json.dumps({"run_id": run_id, "store": store_url, "kind": kind,
                                          "storage": None if own else str(self.storage)}))
 

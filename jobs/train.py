@@ -1,4 +1,4 @@
-"""Ray job entrypoint: `python -m jobs.train --config RUN.yaml --out RUN_DIR [--store URL] [--storage PATH] [--set k=v]`.
+"""Ray job entrypoint: `python -m jobs.train --config RUN.yaml --out RUN_DIR [--store URL] [--storage PATH|URI] [--set k=v]`.
 
 The config is a run's config.yaml (sections dataset, data, solver, train, cluster). Inside a
 submitted job Ray is joined through RAY_ADDRESS, so the address is `auto` unless --address says
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="a run config (YAML)")
     parser.add_argument("--out", type=Path, required=True, help="run directory (shared storage on a cluster)")
     parser.add_argument("--store", help="SQLAlchemy URL of the metrics store (default sqlite in the run dir)")
-    parser.add_argument("--storage", help="where workers write (a path every node mounts; default the run directory)")
+    parser.add_argument("--storage", help="where workers write (a path every node mounts, or s3:// / gs://; default the run directory)")
     parser.add_argument("--address", default="auto", help="Ray address (default auto: the job's cluster)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     args = parser.parse_args(argv)

@@ -69,7 +69,7 @@ def _tiny(a):
         ("negative workers", lambda tmp, h: h, ["--workers", "-1"], "workers must be >= 1"),
         ("more workers than a fixed Ray has CPUs", lambda tmp, h: h, ["--workers", "64", "--split-by", "group"],
          "has 2 CPU(s)"),
-        ("object-store storage", lambda tmp, h: h, ["--storage", "s3://bucket/runs"], "s3://"),
+        ("storage of an unknown scheme", lambda tmp, h: h, ["--storage", "nosuch://bucket/runs"], "nosuch://"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, make, args, needle, h5ad, tmp_path, capsys, ray_session):

@@ -65,8 +65,9 @@ def rows_of(adata: ad.AnnData, names: list[str]) -> np.ndarray:
 def test_map_key_name_and_spec_round_trip() -> None:
     assert MapKey("g0", "drug").name == "g0/drug"
     assert MapKey(None, "drug").name == "drug"
-    s = spec(perturbations=["a", "b"], holdout=["donor", "d1"], embed="pca:5", preprocess="arcsinh5")
-    assert s.perturbations == ("a", "b") and s.holdout == ("donor", "d1")
+    s = spec(perturbations=["a", "b"], holdout=["donor", "d1"], embed="pca:5", preprocess="arcsinh5",
+             split_by="donor", groups=["d0", "d2"])
+    assert s.perturbations == ("a", "b") and s.holdout == ("donor", "d1") and s.groups == ("d0", "d2")
     assert DataSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert (s.select_on, s.valid_fraction, s.splits) == ("valid", 0.1, ("train", "valid", "test"))
     cellot = spec(select_on="test", valid_fraction=0.3, test_fraction=0.25)
@@ -117,6 +118,10 @@ ERROR_CASES = {
     "control": (lambda a: a, dict(control="ctrl"), ["'ctrl'", "'condition'"]),
     "unknown perturbations": (lambda a: a, dict(perturbations=("pert0", "drugX", "drugY")), ["'drugX'", "'drugY'"]),
     "control as perturbation": (lambda a: a, dict(perturbations=("pert0", "control")), ["'control'"]),
+    "unknown groups": (lambda a: a, dict(split_by="group", groups=("g0", "g7")), ["'g7'", "obs['group']", "'g1'"]),
+    "groups without split_by": (lambda a: a, dict(groups=("g0",)), ["--split-by"]),
+    "no map in the groups": (lambda a: _drop_pair(a, "g1", "pert1", keep=0),
+                             dict(split_by="group", groups=("g1",), perturbations=("pert1",)), ["no map", "'g1'"]),
     "non-finite": (lambda a: _with_x(a, _nan_inf), {}, ["2 non-finite"]),
     "duplicate features": (lambda a: _with_var_names(a, ["f0", "f1", "f1", "f3", "f3", "f5"]), {}, ["'f1'", "'f3'"]),
     "duplicate cells": (lambda a: _with_obs_names(a, ["same"] * 2 + list(a.obs_names[2:])), {}, ["'same'"]),
@@ -258,6 +263,11 @@ def test_splits_are_seeded_disjoint_and_70_10_20_per_group_and_condition() -> No
     for split in ("train", "valid", "test"):
         assert only_pert0.cell_names("g1", "control", split) == first.cell_names("g1", "control", split)
     assert [k.name for k in only_pert0.maps] == ["g0/pert0", "g1/pert0"]
+    # nor on which groups are prepared (--only-groups): only the cells of those groups are kept
+    only_g1 = prepare(adata, spec(split_by="group", seed=3, groups=("g1",)))
+    assert [k.name for k in only_g1.maps] == ["g1/pert0", "g1/pert1"]
+    assert {g for g, _, _ in only_g1.tables} == {"g1"}
+    assert _split_names(only_g1) == {key: names for key, names in _split_names(first).items() if key[0] == "g1"}
     # 80 cells per condition: 56 / 8 / 16
     prepared = prepare(counts(), spec(seed=1))
     for condition in ("control", "drug"):

@@ -1,22 +1,98 @@
 """End to end on local Ray: synthetic h5ad -> stacked CellOT on 2 workers -> store, predictions, API.
 
 The run is stopped by a KeyboardInterrupt (Ctrl-C) once training has started, then resumed: every
-test below checks the resumed run, which must equal a run that never stopped.
+test below checks the resumed run, which must equal a run that never stopped. Its storage location
+is a pyarrow filesystem that is not the local one (RecordingFileSystem: local files, every write
+logged with the writing process), so the object-store code path (s3://, gs://) is the one exercised.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import anndata as ad
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 
 from engine.api import FitResult, fit
 from engine.data import make_synthetic
+from engine.storage import StoragePath
 from engine.store import Store
+
+
+class RecordingFileSystem(pafs.FileSystemHandler):
+    """A pyarrow filesystem handler over the local disk that appends "pid op path" to `log` for every
+    write (files and folders made, moved, deleted), from whichever process writes."""
+
+    def __init__(self, log: str) -> None:
+        self.log, self.local = log, pafs.LocalFileSystem()
+
+    def _record(self, op: str, *paths: str) -> None:
+        with open(self.log, "a") as out:
+            out.write("".join(f"{os.getpid()} {op} {p}\n" for p in paths))
+
+    def get_type_name(self) -> str:
+        return "recording"
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def equals(self, other: object) -> bool:
+        return isinstance(other, RecordingFileSystem) and other.log == self.log
+
+    def get_file_info(self, paths: list[str]) -> list:
+        return self.local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list:
+        return self.local.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._record("mkdir", path)
+        self.local.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self._record("delete", path)
+        self.local.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._record("delete", path)
+        self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to empty the root")
+
+    def delete_file(self, path: str) -> None:
+        self._record("delete", path)
+        self.local.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._record("move", src, dest)
+        self.local.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._record("copy", dest)
+        self.local.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self.local.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self.local.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: dict | None = None) -> pa.NativeFile:
+        self._record("write", path)
+        return self.local.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: dict | None = None) -> pa.NativeFile:
+        self._record("write", path)
+        return self.local.open_append_stream(path, metadata=metadata)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +101,9 @@ def trained(ray_session, tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "synthetic.h5ad"
     adata.write_h5ad(path)
     out = tmp_path_factory.mktemp("runs") / "run"
-    storage = tmp_path_factory.mktemp("storage")  # what workers write goes here, not into the run directory
+    writes = tmp_path_factory.mktemp("log") / "writes.log"
+    folder = tmp_path_factory.mktemp("storage")  # what workers write goes here, not into the run directory
+    storage = StoragePath(pafs.PyFileSystem(RecordingFileSystem(str(writes))), str(folder))
     options = dict(condition_key="condition", control="control", split_by="group", steps=STEPS,
                    train={"eval_every": STEPS // 2, "stack_size": 1}, workers=2, out=out)
     seen = []
@@ -42,20 +120,30 @@ def trained(ray_session, tmp_path_factory):
     stopped["checkpoints"] = sorted(p.name for p in (storage / "checkpoints").glob("*.train.pt"))
     bar = io.StringIO()
     with contextlib.redirect_stderr(bar):  # engine.fit's own progress bar
-        result = fit(path, resume=True, **options)
-    return result, adata, seen, stopped, bar.getvalue()
+        result = fit(path, resume=True, storage=storage, **options)
+    return result, adata, seen, stopped, bar.getvalue(), folder, writes
 
 
 def test_workers_write_only_into_the_storage_location(trained):
-    """--storage: cells, checkpoints, maps and per-stack predictions are in the storage location; the
-    run directory holds what the driver writes (config, run.json, predictions.h5ad, the store)."""
-    result = trained[0]
+    """--storage: cells, checkpoints, maps and per-stack predictions are in the storage location,
+    written through its filesystem (every file there was, and every write went there; the workers
+    wrote the maps and predictions, the driver collected them); the run directory holds what the
+    driver writes (config, run.json, predictions.h5ad, the store)."""
+    result, folder, writes = trained[0], trained[5], trained[6]
     assert {p.name for p in result.run_dir.iterdir()} <= {"config.yaml", "run.json", "predictions.h5ad",
                                                          "metrics.sqlite", "metrics.sqlite-wal", "metrics.sqlite-shm"}
-    storage = result.dir.storage
-    assert storage != result.run_dir.resolve()
-    assert {p.name for p in storage.iterdir()} == {"data", "checkpoints", "predictions", "ray"}
-    assert len(list((storage / "checkpoints").glob("*.maps.pt"))) == 4 and len(result.dir.saved_maps()) == 4
+    assert {p.name for p in folder.iterdir()} == {"data", "checkpoints", "predictions", "ray"}
+    logged = [line.split(" ", 2) for line in writes.read_text().splitlines()]
+    written = {Path(path) for _, op, path in logged}
+    assert all(path == folder or folder in path.parents for path in written), sorted(written)
+    on_disk = {path for path in folder.rglob("*") if path.is_file()}
+    assert on_disk <= written, sorted(on_disk - written)
+    by_workers = {Path(path).name for pid, op, path in logged if int(pid) != os.getpid()}
+    assert sum(name.endswith(".maps.pt") for name in by_workers) == 4, by_workers
+    assert sum(name.endswith(".npz") for name in by_workers) == 4, by_workers
+    assert len(result.dir.saved_maps()) == 4
+    predicted = ad.read_h5ad(result.run_dir / "predictions.h5ad")
+    assert predicted.obs["perturbation"].nunique() == 2 and predicted.obs["group"].nunique() == 2
 
 
 STEPS = 100
@@ -64,7 +152,7 @@ STEPS = 100
 def test_a_stopped_run_marks_its_maps_interrupted(trained):
     """Ctrl-C: the run and every unfinished map are `interrupted` (never left running), the running
     stacks checkpointed where they stopped."""
-    _, _, seen, stopped, _ = trained
+    _, _, seen, stopped, _, *_ = trained
     assert stopped["runs"]["status"].item() == "interrupted"
     assert set(stopped["maps"]["status"]) <= {"interrupted", "trained"}
     assert "interrupted" in set(stopped["maps"]["status"])
@@ -73,7 +161,7 @@ def test_a_stopped_run_marks_its_maps_interrupted(trained):
 
 
 def test_resume_finishes_from_the_checkpoints_not_from_step_0(trained):
-    result, _, _, stopped, bar = trained
+    result, _, _, stopped, bar, *_ = trained
     resumed = result.metrics(metric="resumed_from")
     assert len(resumed) >= len(stopped["checkpoints"]) > 0
     assert (resumed["value"] > 0).all() and (resumed["value"] < STEPS).all()
@@ -86,7 +174,7 @@ def test_resume_finishes_from_the_checkpoints_not_from_step_0(trained):
 
 
 def test_every_map_is_trained_and_stored(trained):
-    result, _, _, _, _ = trained
+    result, _, _, _, _, *_ = trained
     maps = result.maps()
     assert sorted(maps["perturbation"]) == ["g0/pert0", "g0/pert1", "g1/pert0", "g1/pert1"]
     assert (maps["status"] == "trained").all()
@@ -100,7 +188,7 @@ def test_every_map_is_trained_and_stored(trained):
 def test_a_finished_run_is_not_run_again_and_resume_keeps_its_settings(trained, capsys):
     from engine.cli import main
 
-    result, _, _, _, _ = trained
+    result, _, _, _, _, *_ = trained
     args = ["train", "--data", result.config.dataset, "--condition-key", "condition", "--control", "control",
             "--split-by", "group", "--out", str(result.run_dir)]
     assert main(args) == 2
@@ -112,7 +200,7 @@ def test_a_finished_run_is_not_run_again_and_resume_keeps_its_settings(trained, 
 
 def test_metrics_into_a_closed_pipe_is_quiet(trained):
     """`perturbot metrics | head`: the reader goes away; no BrokenPipeError, no traceback."""
-    result, _, _, _, _ = trained
+    result, _, _, _, _, *_ = trained
     process = subprocess.Popen([sys.executable, "-m", "engine.cli", "metrics", "--run", str(result.run_dir), "--raw"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.close()  # before it writes: every write meets a closed pipe
@@ -121,7 +209,7 @@ def test_metrics_into_a_closed_pipe_is_quiet(trained):
 
 
 def test_final_metrics_have_model_and_baselines(trained):
-    result, _, _, _, _ = trained
+    result, _, _, _, _, *_ = trained
     final = result.metrics(metric="mmd")
     table = final[final["split"].str.startswith("test")].pivot_table(index="perturbation", columns="split", values="value")
     assert set(table.columns) == {"test", "test_identity", "test_observed", "test_mean_shift", "test_gaussian"}
@@ -131,7 +219,7 @@ def test_final_metrics_have_model_and_baselines(trained):
 
 
 def test_summary_and_the_selection_protocol_in_the_store(trained):
-    result, _, _, _, _ = trained
+    result, _, _, _, _, *_ = trained
     summary = result.summary()
     assert list(summary.columns) == ["perturbation", "metric", "model", "identity", "observed", "mean_shift", "gaussian"]
     assert set(summary["perturbation"]) == {"g0/pert0", "g0/pert1", "g1/pert0", "g1/pert1"}
@@ -147,7 +235,7 @@ def test_summary_and_the_selection_protocol_in_the_store(trained):
 def test_predictions_file_and_predict(trained):
     import anndata as ad
 
-    result, adata, _, _, _ = trained
+    result, adata, _, _, _, *_ = trained
     predictions = ad.read_h5ad(result.run_dir / "predictions.h5ad")
     assert {"source_cell", "perturbation", "group"} <= set(predictions.obs.columns)
     assert list(predictions.var_names) == list(adata.var_names)

@@ -186,6 +186,26 @@ def test_search_with_asha_into_the_store_then_train_the_winner(ray_session, one_
     store.close()
 
 
+def test_a_search_tunes_on_the_groups_given(ray_session, one_thread, h5ad, tmp_path, capsys):
+    """--only-groups g1: the tuning maps are g1's only (g0's cells are not in the search), and best.yaml
+    keeps every group and perturbation."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SMALL_SPACE))
+    out = tmp_path / "search"
+    assert main(_tune_argv(h5ad, out, space, samples=1) + ["--only-groups", "g1", "--scheduler", "fifo"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    with Store(info["store"]) as store:
+        for split in ("valid", "valid_best", "valid_identity"):
+            assert set(store.metrics(info["run_id"], split=split)["perturbation"]) == {"g1/pert0"}, split
+        assert len(store.trials(info["run_id"])) == 1
+    from engine.data import PreparedData
+
+    assert {g for g, _, _ in PreparedData.load(out / "data").tables} == {"g1"}
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["data"]["groups"] is None and best["data"]["perturbations"] is None
+    assert best["data"]["split_by"] == "group"
+
+
 @pytest.mark.slow
 def test_killed_search_resumes_without_redoing_finished_trials(ray_session, h5ad, tmp_path, capsys):
     """Kill the driver (SIGKILL) once two trials have ended, resume: 8 trials, each once in the store,

@@ -4,7 +4,7 @@
     resume(out)                    continue an interrupted search (Tune's restore): finished trials
                                    are kept, unfinished ones start again
 
-A trial trains all the tuning maps (`--perturbations`, else every map) as one stack
+A trial trains all the tuning maps (`--perturbations` and `--only-groups`, else every map) as one stack
 (tune/trial.py) and reports after every evaluation of the loop. ASHA compares trials by `best_mmd`
 at its rungs: its time unit is a report, its grace period the first report after training has
 started in a phase that selects (so W1OT's potential phase is never judged), reduction factor 2.
@@ -249,10 +249,10 @@ def _finish(tuner: Any, config: RunConfig, directory: RunDir, run_id: str, store
 
 
 def write_best_config(chosen: RunConfig, best: Any, directory: RunDir, run_id: str) -> Path:
-    """best.yaml: the best trial's config for every perturbation (the tuning subset is dropped:
-    `perturbot train --config best.yaml` trains all maps; --perturbations narrows them again)."""
+    """best.yaml: the best trial's config for every perturbation and group (the tuning subset is dropped:
+    `perturbot train --config best.yaml` trains all maps; --perturbations and --only-groups narrow them again)."""
     raw = chosen.to_dict()
-    raw["data"]["perturbations"] = None
+    raw["data"]["perturbations"] = raw["data"]["groups"] = None
     header = (f"# best trial {best['trial_id']} of search {run_id}: mean validation mmd {best['best_mmd']:.4g} over "
               f"the tuning maps ({best['ratio']:.3g} x the identity's)\n")
     directory.best_config.write_text(header + yaml.safe_dump(raw, sort_keys=False))

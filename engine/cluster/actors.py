@@ -14,12 +14,13 @@ import dataclasses
 import ray
 
 from engine.data import PreparedData
+from engine.storage import StoragePath
 from engine.store import Store
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
 class ShardStore:
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: StoragePath) -> None:
         self._prepared = PreparedData.load(data_dir)
         self._refs = {key: ray.put(table) for key, table in self._prepared.tables.items()}
 

@@ -101,7 +101,7 @@ def run_training(
     steps_per_stack = cls.plan(config.solver_config(), config.train.steps).total
     if len(finished) == len(stacks):  # a resumed run that had finished training
         return
-    shards = ShardStore.options(name=f"perturbot-shards-{run_id}").remote(str(run_dir.data))
+    shards = ShardStore.options(name=f"perturbot-shards-{run_id}").remote(run_dir.data)
     sink = MetricsSink.options(name=f"perturbot-sink-{run_id}").remote(store_url)
     ray.get(shards.layout.remote())  # surface data-loading errors before the fit
     use_gpu = config.cluster.gpus_per_worker > 0
@@ -114,13 +114,14 @@ def run_training(
             "shards": f"perturbot-shards-{run_id}",
             "sink": f"perturbot-sink-{run_id}",
             "run_dir": str(run_dir.root.resolve()),
-            "storage": str(run_dir.storage),
+            "storage": run_dir.storage,  # a StoragePath: pickled with its filesystem
             "run_id": run_id,
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(
             name=run_id,
-            storage_path=str(run_dir.ray_storage),
+            storage_path=run_dir.ray_storage.path,
+            storage_filesystem=run_dir.ray_storage.fs,
             failure_config=FailureConfig(max_failures=2),
         ),
     )

@@ -8,6 +8,7 @@ non-negative (log counts): a decoded log-expression is never below 0.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ import torch
 from torch import nn
 
 from engine.data.spec import DataError, parse_embed
+from engine.storage import StoragePath, to_bytes
+
+Folder = Path | StoragePath  # the prepared data's folder (any storage location) or the local cache
 
 PCA_FILE = "pca.npz"
 AE_FILE = "autoencoder.pt"
@@ -56,13 +60,14 @@ class PCAEmbedding:
         """Data-space cells float32 [n, d] of latent points [n, k] (exact on the PCA subspace above the floor)."""
         return _clamped(np.ascontiguousarray(z @ self.components + self.mean, dtype=np.float32), self.floor)
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Folder) -> None:
         floor = np.array([] if self.floor is None else [self.floor], np.float32)
-        np.savez(directory / PCA_FILE, mean=self.mean, components=self.components, floor=floor)
+        (directory / PCA_FILE).write_bytes(
+            to_bytes(lambda f: np.savez(f, mean=self.mean, components=self.components, floor=floor)))
 
     @classmethod
-    def load(cls, directory: Path) -> PCAEmbedding:
-        with np.load(directory / PCA_FILE) as saved:
+    def load(cls, directory: Folder) -> PCAEmbedding:
+        with np.load(io.BytesIO((directory / PCA_FILE).read_bytes())) as saved:
             floor = float(saved["floor"][0]) if len(saved["floor"]) else None
             return cls(saved["mean"], saved["components"], floor)
 
@@ -139,13 +144,14 @@ class AutoencoderEmbedding(nn.Module):
         """Data-space cells float32 [n, d] of latent points [n, k] (clamped at the data's floor)."""
         return _clamped(self._run(self.decoder, z), self.floor)
 
-    def save(self, directory: Path) -> None:
-        torch.save({"input_dim": self.input_dim, "latent": self.latent, "hidden": list(self.hidden),
-                    "floor": self.floor, "state": self.state_dict()}, directory / AE_FILE)
+    def save(self, directory: Folder) -> None:
+        payload = {"input_dim": self.input_dim, "latent": self.latent, "hidden": list(self.hidden),
+                   "floor": self.floor, "state": self.state_dict()}
+        (directory / AE_FILE).write_bytes(to_bytes(lambda f: torch.save(payload, f)))
 
     @classmethod
-    def load(cls, directory: Path) -> AutoencoderEmbedding:
-        saved = torch.load(directory / AE_FILE, map_location="cpu", weights_only=True)
+    def load(cls, directory: Folder) -> AutoencoderEmbedding:
+        saved = torch.load(io.BytesIO((directory / AE_FILE).read_bytes()), map_location="cpu", weights_only=True)
         model = cls(saved["input_dim"], saved["latent"], tuple(saved["hidden"]), saved["floor"])
         model.load_state_dict(saved["state"])
         return model.eval()
@@ -222,7 +228,7 @@ def fit_embedding(embed: str | None, x_train: np.ndarray, x_valid: np.ndarray, s
     return fit_pca(x_train, k, floor) if kind == "pca" else fit_autoencoder(x_train, x_valid, k, seed, floor=floor)
 
 
-def load_embedding(directory: Path) -> Embedding | None:
+def load_embedding(directory: Folder) -> Embedding | None:
     """The embedding saved beside prepared data (``save``), or None."""
     if (directory / PCA_FILE).is_file():
         return PCAEmbedding.load(directory)

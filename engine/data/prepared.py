@@ -8,9 +8,9 @@ after preprocessing). Tables are read back as numpy views without a copy.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -25,6 +25,7 @@ from engine.data.markers import rank_markers
 from engine.data.preprocess import Preprocessing
 from engine.data.spec import DataError, DataSpec, MapKey, name_some
 from engine.data.split import SPLITS, TRAIN, pair_indices, split_cells
+from engine.storage import PathLike, StoragePath, as_storage, to_bytes
 
 FORMAT = 2  # 2: valid split and DataSpec.select_on; format 1 had train/test tables only
 
@@ -35,9 +36,12 @@ def _fixed_size_lists(x: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat), x.shape[1])
 
 
-def _read_arrow(path: Path) -> pa.Table:
-    """An Arrow IPC file as a table over a memory map (no copy)."""
-    return ipc.open_file(pa.memory_map(str(path))).read_all()
+def _read_arrow(path: StoragePath) -> pa.Table:
+    """An Arrow IPC file as a table: over a memory map (no copy) on a local disk, else read whole."""
+    if path.local is not None:
+        return ipc.open_file(pa.memory_map(path.path)).read_all()
+    with path.fs.open_input_file(path.path) as source:
+        return ipc.open_file(source).read_all()
 
 
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
@@ -101,14 +105,15 @@ class PreparedData:
         x = self.preprocessing(aligned_features(adata, self.input_features, self.spec.obsm_key))
         return x if self.embedding is None else self.embedding.encode(x)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write tables as Arrow IPC files, ``meta.json`` and ``arrays.npz``; returns the directory."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def save(self, directory: PathLike) -> StoragePath:
+        """Write tables as Arrow IPC files, ``meta.json`` and ``arrays.npz`` (any storage location,
+        engine.storage); returns the directory."""
+        directory = as_storage(directory)
+        directory.mkdir()
         entries = []
         for i, ((group, condition, split), table) in enumerate(sorted(self.tables.items())):
             file = f"cells_{i:05d}.arrow"
-            with pa.OSFile(str(directory / file), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            with (directory / file).open_output() as sink, ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
             entries.append({"group": group, "condition": condition, "split": split, "file": file})
         arrays = {"markers": np.stack([self.markers[key.name] for key in self.maps])}
@@ -116,7 +121,7 @@ class PreparedData:
             arrays["qscale"] = self.preprocessing.scale
         if self.preprocessing.keep is not None:
             arrays["hvg"] = self.preprocessing.keep
-        np.savez(directory / "arrays.npz", **arrays)
+        (directory / "arrays.npz").write_bytes(to_bytes(lambda f: np.savez(f, **arrays)))
         if self.embedding is not None:
             self.embedding.save(directory)
         meta = {
@@ -131,9 +136,9 @@ class PreparedData:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> PreparedData:
-        """Read what ``save`` wrote; the tables are memory-mapped, not copied."""
-        directory = Path(directory)
+    def load(cls, directory: PathLike) -> PreparedData:
+        """Read what ``save`` wrote; on a local disk the tables are memory-mapped, not copied."""
+        directory = as_storage(directory)
         if not (directory / "meta.json").is_file():
             raise DataError(f"no prepared data in {directory} (meta.json missing)")
         meta = json.loads((directory / "meta.json").read_text())
@@ -145,7 +150,7 @@ class PreparedData:
             (e["group"], e["condition"], e["split"]): _read_arrow(directory / e["file"])
             for e in meta["tables"]
         }
-        with np.load(directory / "arrays.npz") as arrays:
+        with np.load(io.BytesIO((directory / "arrays.npz").read_bytes())) as arrays:
             markers = {key.name: arrays["markers"][i] for i, key in enumerate(maps)}
             preprocessing = Preprocessing(spec.preprocess, arrays.get("qscale"), arrays.get("hvg"))
             embedding = load_embedding(directory) or (  # before pca.npz, PCA was in arrays.npz
@@ -191,6 +196,18 @@ def _perturbations(conditions: np.ndarray, spec: DataSpec) -> set[str]:
     if unknown:
         raise DataError(f"perturbation labels not found in {where}: {name_some(unknown)}")
     return set(spec.perturbations)
+
+
+def _groups(groups: np.ndarray, spec: DataSpec) -> set[str]:
+    """The groups whose maps are made (spec.groups, checked against obs[split_by]; else every group)."""
+    present = set(pd.unique(groups))
+    if spec.groups is None:
+        return present
+    unknown = [g for g in spec.groups if g not in present]
+    if unknown:
+        raise DataError(f"group labels not found in obs[{spec.split_by!r}]: {name_some(unknown)}; "
+                        f"labels: {name_some(sorted(present))}")
+    return set(spec.groups)
 
 
 def _where(spec: DataSpec, group: str, condition: str) -> str:
@@ -252,7 +269,7 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     """Validate, select, split, preprocess, embed and rank markers (DESIGN.md "Data flow", step 1).
 
     Maps: every (group, perturbation) present, with the control cells of the same group (one group
-    when ``spec.split_by`` is None). Only the cells of the maps' (group, condition) pairs are kept.
+    when ``spec.split_by`` is None; only the groups ``spec.groups`` when given). Only the cells of the maps' (group, condition) pairs are kept.
     Cells are split per (group, condition) into ``spec.splits`` (engine.data.split). The preprocessing
     is fitted on control train cells; the highly variable features (``spec.hvg``) and the embedding
     (``spec.embed``) on all train cells (the autoencoder keeps its best state on valid cells); the
@@ -271,11 +288,14 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
         if not holdout.any():
             raise DataError(f"holdout value {value!r} not found in obs[{key!r}]")
     perturbations = _perturbations(conditions, spec)
+    wanted_groups = _groups(groups, spec)
     all_pairs = pair_indices(groups, conditions)
     maps = sorted(
-        (MapKey(g if spec.split_by else None, c) for g, c in all_pairs if c in perturbations),
+        (MapKey(g if spec.split_by else None, c) for g, c in all_pairs if c in perturbations and g in wanted_groups),
         key=lambda m: (m.group or "", m.perturbation),
     )
+    if not maps:
+        raise DataError(f"no map to make: none of the perturbations is in the groups {name_some(sorted(wanted_groups))}")
     if spec.context_keys is not None:
         ContextEncoder.for_maps(spec, maps)  # bad labels for an embedding fail here, before any work
     if spec.growth is not None:

@@ -70,6 +70,7 @@ class DataSpec:
     control: str  # the control label in it
     perturbations: tuple[str, ...] | None = None  # labels to map; None = all but the control
     split_by: str | None = None  # obs column: one map per (group, perturbation), same-group controls
+    groups: tuple[str, ...] | None = None  # with split_by: map only these groups' labels; None = every group
     holdout: tuple[str, str] | None = None  # (KEY, VALUE): cells with obs[KEY] == VALUE are the test split
     preprocess: str = "none"  # none | log1p_normalize | qscale_log1p | arcsinh5
     hvg: int | None = None  # keep the N most highly variable features (Seurat v1 dispersion, train cells)
@@ -97,6 +98,12 @@ class DataSpec:
             if isinstance(self.perturbations, str) or len(self.perturbations) == 0:
                 raise DataError(f"perturbations must be a non-empty list of labels, got {self.perturbations!r}")
             object.__setattr__(self, "perturbations", tuple(str(p) for p in self.perturbations))
+        if self.groups is not None:
+            if isinstance(self.groups, str) or len(self.groups) == 0:
+                raise DataError(f"groups must be a non-empty list of labels, got {self.groups!r}")
+            if self.split_by is None:
+                raise DataError("a group subset (--only-groups, data.groups) needs --split-by, the key of the groups")
+            object.__setattr__(self, "groups", tuple(str(g) for g in self.groups))
         if self.holdout is not None:
             if isinstance(self.holdout, str) or len(self.holdout) != 2:
                 raise DataError(f"holdout must be a (KEY, VALUE) pair, got {self.holdout!r}")
@@ -164,7 +171,7 @@ class DataSpec:
     def to_dict(self) -> dict[str, Any]:
         """A json/yaml-safe mapping (tuples become lists) that ``from_dict`` turns back into this spec."""
         d = dataclasses.asdict(self)
-        for key in ("perturbations", "holdout", "context_keys", "embeddings"):
+        for key in ("perturbations", "groups", "holdout", "context_keys", "embeddings"):
             if d[key] is not None:
                 d[key] = list(d[key])
         return d

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -21,6 +20,7 @@ import torch
 from engine.metrics.distances import MMD_GAMMAS, mmd
 from engine.options import DataError
 from engine.solvers.base import Plan, StackSolver
+from engine.storage import PathLike, StoragePath, as_storage
 from engine.train.checkpoint import load_checkpoint, save_checkpoint
 from engine.train.stack_data import StackData
 
@@ -132,7 +132,7 @@ def train_stack(
     data: StackData,
     config: TrainConfig,
     *,
-    checkpoint: Path | None = None,
+    checkpoint: PathLike | None = None,
     on_eval: EvalCallback | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> StackOutcome:
@@ -144,6 +144,7 @@ def train_stack(
     history: list[dict[str, Any]] = []
     window = _Window()
     start = 0
+    checkpoint = None if checkpoint is None else as_storage(checkpoint)
     if checkpoint is not None and checkpoint.exists():
         start, history = _resume(checkpoint, plan, solver, data, book, window)
         if on_progress is not None:
@@ -210,7 +211,7 @@ def train_stack(
     )
 
 
-def _save(path: Path, plan: Plan, solver: StackSolver, data: StackData, book: _Bookkeeping, step: int,
+def _save(path: StoragePath, plan: Plan, solver: StackSolver, data: StackData, book: _Bookkeeping, step: int,
           history: list, window: _Window) -> None:
     save_checkpoint(
         path,
@@ -227,7 +228,7 @@ def _save(path: Path, plan: Plan, solver: StackSolver, data: StackData, book: _B
     )
 
 
-def _resume(path: Path, plan: Plan, solver: StackSolver, data: StackData, book: _Bookkeeping,
+def _resume(path: StoragePath, plan: Plan, solver: StackSolver, data: StackData, book: _Bookkeeping,
             window: _Window) -> tuple[int, list]:
     state = load_checkpoint(path, data.device)
     saved = [tuple(p) for p in state["plan"]]

@@ -3,7 +3,6 @@ and prediction of new cells through them, in chunks, with each map's context."""
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,10 +10,11 @@ import torch
 from engine.data import MapKey
 from engine.options import to_plain
 from engine.solvers import StackSolver, build_solver
+from engine.storage import PathLike
 from engine.train.checkpoint import load_checkpoint, save_checkpoint
 
 
-def save_maps(path: Path, solver: StackSolver, keys: list[MapKey], contexts: torch.Tensor | None, run: dict) -> None:
+def save_maps(path: PathLike, solver: StackSolver, keys: list[MapKey], contexts: torch.Tensor | None, run: dict) -> None:
     """A stack's trained maps: state dict, solver name and options, map names, contexts, run config.
     `keys` and `contexts` may hold more maps than the solver (a shared model's held-out contexts)."""
     save_checkpoint(
@@ -36,7 +36,7 @@ def save_maps(path: Path, solver: StackSolver, keys: list[MapKey], contexts: tor
 class SavedMaps:
     """A saved stack, rebuilt for prediction: solver, map names and their contexts."""
 
-    def __init__(self, path: Path, device: torch.device | str = "cpu") -> None:
+    def __init__(self, path: PathLike, device: torch.device | str = "cpu") -> None:
         payload = load_checkpoint(path, device)
         self.names: list[str] = list(payload["maps"])
         n_maps = payload.get("n_maps", len(self.names))  # a shared model's training contexts (may be fewer)

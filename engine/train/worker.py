@@ -20,6 +20,7 @@ from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
 from engine.data.contexts import map_contexts
 from engine.rundir import RunDir
+from engine.storage import to_bytes
 from engine.train.evaluation import evaluate_maps, metric_rows
 from engine.train.loop import StopRequested, train_stack
 from engine.train.saved_maps import save_maps
@@ -109,9 +110,8 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
         records[f"cells/{k}"] = cells
         if weights is not None:
             records[f"weights/{k}"] = weights
-    out = run.run_dir.stack_predictions(stack)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, maps=np.array([k.name for k in keys]), **records)
+    run.run_dir.stack_predictions(stack).write_bytes(
+        to_bytes(lambda f: np.savez(f, maps=np.array([k.name for k in keys]), **records)))
     path = run.run_dir.maps_file(stack)
     for key in keys:  # before the maps file: a stack with a maps file has its rows
         i = trained.index(key) if key in trained else 0  # a held-out context: the shared model's outcome
