@@ -33,9 +33,10 @@ def _data_args(p: argparse.ArgumentParser, perturbations_help: str, with_data: b
                    "with --context-keys a context whose cells are all held out is not trained on, only evaluated")
     p.add_argument("--context-keys", metavar="KEY[,KEY]",
                    help="condot: what the map is conditioned on, the condition key and/or the split-by key")
-    p.add_argument("--embedding", action="append", default=[], metavar="KEY=onehot|value|log",
+    p.add_argument("--embedding", action="append", default=[], metavar="KEY=onehot|value|log|moa",
                    help="embedding of a context key (default onehot; 'A+B' labels are multi-hot); value: the "
-                        "label as a number, scaled; log: log10 of it, scaled")
+                        "label as a number, scaled; log: log10 of it, scaled; moa (condition key): mode of "
+                        "action, an MDS of W2 distances between perturbed populations")
     p.add_argument("--preprocess", choices=PREPROCESSING, help="default none")
     p.add_argument("--hvg", type=int, metavar="N",
                    help="keep the N most highly variable features (Seurat dispersion on log1p expression, "

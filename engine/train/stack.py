@@ -40,8 +40,8 @@ def nearest_trained(prepared: PreparedData, keys: list[MapKey]) -> list[int]:
     """Per map of `keys`, its index among trained_maps(keys), or for a held-out context the index of
     the trained map with the nearest context (Euclidean; the first on ties)."""
     trained = trained_maps(prepared, keys)
-    contexts = map_contexts(prepared.spec, prepared.maps, keys)
-    seen = map_contexts(prepared.spec, prepared.maps, trained)
+    contexts = map_contexts(prepared, keys)
+    seen = map_contexts(prepared, trained)
     return [trained.index(k) if k in trained else int(np.argmin(((seen - c) ** 2).sum(1)))
             for k, c in zip(keys, contexts)]
 
@@ -67,7 +67,7 @@ def stack_data(prepared: PreparedData, keys: list[MapKey], config: RunConfig, de
         seeds=seeds,
         batch_size=train.batch_size,
         device=device,
-        contexts=map_contexts(prepared.spec, prepared.maps, keys),
+        contexts=map_contexts(prepared, keys),
     )
 
 

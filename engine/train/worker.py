@@ -119,5 +119,5 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
         error = f"non-finite losses; kept its state of step {outcome.best_step[i]}" if diverged else None
         reporter.maps(run.map_rows([key], "diverged" if diverged else "trained", steps=outcome.steps,
                                    best_step=outcome.best_step[i], checkpoint=str(path), error=error))
-    contexts = torch.from_numpy(map_contexts(run.prepared.spec, run.prepared.maps, keys))
+    contexts = torch.from_numpy(map_contexts(run.prepared, keys))
     save_maps(path, solver, keys, contexts, config.to_dict())  # written last: it marks the stack done
