@@ -20,7 +20,8 @@ Training: CellOT's min-max (Makkuva et al. 2020), as the paper. Each outer step 
 `inner_steps` g-steps on fresh source batches x of the same contexts,
     loss_g = mean[f(T(x, c), c) - <x, T(x, c)>] + lambda sum_k ||relu(-W^z_k(g))||_F,
 then one f-step, loss_f = mean f(y, c) - mean f(T(x, c), c), and the clamp W^z_k(f) <- max(., 0).
-Adam 1e-4, betas (0.5, 0.9), batch 256 per context (train.batch_size). The contexts of a step are a
+Adam 1e-4, betas (0.5, 0.9), batch 256 per context (train.batch_size; with data-parallel workers,
+the global batch, each worker drawing its share and the gradients averaged: StackSolver.average). The contexts of a step are a
 hash of (the model's draw seed, step), so a resumed run draws the same ones.
 """
 from __future__ import annotations
@@ -131,15 +132,18 @@ class CondOT(StackSolver):
             x.requires_grad_(True)
             t = self.g.gradient(x, c_x, create_graph=True)
             loss_g = (self.f(t, c_x) - (x * t).sum(-1, keepdim=True)).mean((1, 2))
-            adam_step(self.optimizers["g"], loss_g + self.config.penalty * self.g.negative_weight_penalty())
+            adam_step(self.optimizers["g"], loss_g + self.config.penalty * self.g.negative_weight_penalty(), self.average)
         x, c_x = self._flat(data.source_sample(), chosen)
         t = self.g.gradient(x, c_x)
         f_t, f_y = self.f(t, c_x).mean((1, 2)), self.f(y, c_y).mean((1, 2))
-        adam_step(self.optimizers["f"], f_y - f_t)
+        adam_step(self.optimizers["f"], f_y - f_t, self.average)
         self.f.clamp_hidden_weights()
         with torch.no_grad():
             w2 = f_t - (x * t).sum(-1).mean(1) - f_y + 0.5 * ((x * x).sum(-1).mean(1) + (y * y).sum(-1).mean(1))
-        return {"loss_g": loss_g.detach(), "loss_f": (f_y - f_t).detach(), "w2_estimate": w2}
+        logs = {"loss_g": loss_g.detach(), "loss_f": (f_y - f_t).detach(), "w2_estimate": w2}
+        if self.average is not None:  # data parallel: the global batch's values on every worker
+            self.average(list(logs.values()))
+        return logs
 
     def transport(self, x: torch.Tensor, context: torch.Tensor | None = None) -> Transport:
         """x [K, n, d] with one context per map [K, c] (any K: seen or unseen contexts)."""
