@@ -34,6 +34,7 @@ from engine.data.spec import DataError, DataSpec, MapKey, name_some, parse_embed
 if TYPE_CHECKING:
     from engine.data.prepared import PreparedData
 
+
 def _number(label: str, key: str, kind: str) -> float:
     try:
         value = float(label)
@@ -54,7 +55,7 @@ class ContextEncoder:
     kinds: tuple[str, ...]
     vocabularies: tuple[tuple[str, ...], ...]  # onehot, moa: the sorted parts; value/log: ()
     scales: tuple[float, ...]  # value/log: the largest |number| of the run (1 when 0); onehot, moa: 1
-    points: tuple[np.ndarray | None, ...] = ()  # moa: [parts, m] a point per part of the vocabulary; else None
+    points: tuple[np.ndarray | None, ...]  # moa: [parts, m] a point per part of the vocabulary; else None
 
     @classmethod
     def for_maps(cls, spec: DataSpec, maps: list[MapKey], moa: Mapping[str, np.ndarray] | None = None) -> "ContextEncoder":
