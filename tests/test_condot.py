@@ -550,3 +550,32 @@ def test_condot_on_two_ray_workers_logs_the_one_worker_loss_curve(ray_session, t
     assert max(gaps.values()) > 0, "identical curves: one worker trained the whole batch alone"
     for key in (k for k in one if k[1] == "test" and k[2] == "mmd"):
         assert abs(one[key] - two[key]) <= 1e-3 * abs(one[key]), key
+
+
+def test_a_failing_data_parallel_worker_raises_instead_of_leaving_the_others_waiting(tmp_path, monkeypatch):
+    """A stack that fails is reported `failed` with its error; one worker goes on to its other stacks,
+    but a data-parallel worker (an Average set) raises, since the others would wait for it in the
+    all-reduce (Ray Train then restarts the group)."""
+    from engine.config import RunConfig
+    from engine.data import make_dose_response, prepare
+    from engine.rundir import RunDir
+    from engine.train import worker
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(worker, "_train_one_stack", broken)
+    config = RunConfig.resolve(dataset="x", solver="condot", condition_key="dose", control="0", steps=1,
+                               context_keys=["dose"])
+    prepared = prepare(make_dose_response(n_cells=60), config.data)
+    for average in (None, lambda tensors: None):
+        reporter = Collect()
+        run = worker.MapRun(prepared, config, RunDir(tmp_path / "run"), reporter, torch.device("cpu"), "r",
+                            (0, 2) if average else (0, 1), average)
+        if average is None:
+            worker.train_maps(run, prepared.maps)
+        else:
+            with pytest.raises(RuntimeError, match="out of memory"):
+                worker.train_maps(run, prepared.maps)
+        assert {r["status"] for r in reporter.map_rows} == {"failed"}
+        assert all("out of memory" in r["error"] for r in reporter.map_rows)

@@ -78,6 +78,8 @@ def train_maps(run: MapRun, keys: list[MapKey]) -> None:
         except Exception as error:  # one failed stack must not lose the others
             run.reporter.maps(run.map_rows(chunk, "failed", error=f"{type(error).__name__}: {error}"))
             traceback.print_exc()
+            if run.average is not None:  # data parallel: the other workers would wait for this one in the
+                raise                    # all-reduce; failing ends the group (Ray Train restarts it from the checkpoint)
 
 
 def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
