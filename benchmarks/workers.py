@@ -69,10 +69,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     groups = 2
-    if args.solver == "condot":
+    if args.solver == "condot":  # one model over the 4 doses
         adata = make_dose_response(dim=args.dim, n_cells=1500, seed=0)
+        maps = adata.obs["dose"].nunique() - 1
     else:
         adata = make_synthetic(n_perturbations=args.maps // groups, n_groups=groups, dim=args.dim, n_cells=1500, seed=0)
+        maps = args.maps
     connect("local", num_cpus=2)
     runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in runs.items()}
     report = {
         "benchmark": "ray_workers",
-        "config": {"maps": args.maps, "dim": args.dim, "steps": args.steps, "stack_size": args.stack_size,
+        "config": {"maps": maps, "dim": args.dim, "steps": args.steps, "stack_size": args.stack_size,
                    "repeats": args.repeats, "solver": args.solver, "batch_size": args.batch_size,
                    "cpus_per_worker": 1, "torch_threads": 1},
         "workers_1": summary[1],
