@@ -75,7 +75,8 @@ def _train_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
     p.add_argument("--storage", help="where workers write cells, checkpoints, maps, predictions: a path every node "
                                       "mounts (default: the run directory)")
     p.add_argument("--device", help="auto (default: a GPU per worker when Ray has GPUs) | cpu | cuda | cuda:N")
-    p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps; condot: data-parallel, "
+                   "each draws a share of every minibatch)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
 
 
