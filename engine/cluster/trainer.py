@@ -3,8 +3,8 @@ them as stacks with the device-level loop (engine.train). No gradients are excha
 workers: different maps share nothing. A shared solver (one model over all contexts, CondOT) is
 trained data-parallel instead: every worker trains the one stack on its share of each minibatch,
 and the gradients are averaged over the workers before every optimizer step by an explicit
-all-reduce (engine.solvers.optim.worker_average over torch.distributed; DDP's hooks fire in .backward() only, and the solvers take
-their gradients with torch.autograd.grad).
+all-reduce (engine.solvers.optim.worker_average over torch.distributed; DDP's hooks fire in
+.backward() only, and the solvers take their gradients with torch.autograd.grad).
 """
 from __future__ import annotations
 
