@@ -49,7 +49,7 @@ def run_case(per_step: int, args: argparse.Namespace) -> dict[str, Any]:
     plan = solver.plan(solver.config, args.steps)
     solver.start_training(plan)
     controls = torch.from_numpy(prepared.cells(None, "0", "test").copy())
-    contexts = torch.from_numpy(map_contexts(prepared.spec, prepared.maps, prepared.maps))
+    contexts = torch.from_numpy(map_contexts(prepared, prepared.maps))
     targets = [torch.from_numpy(prepared.cells(None, k.perturbation, "test").copy()) for k in prepared.maps]
     held_out = [k.perturbation for k in prepared.maps].index("1000")
 

@@ -196,7 +196,7 @@ class FitResult:
         if not stacks or not stacks[0].solver.shared:
             raise DataError(f"--context needs a conditional run (condot); {self.run_dir} has one map per perturbation")
         key = context_map(prepared.spec, prepared.maps, context)
-        return key, torch.from_numpy(map_contexts(prepared.spec, prepared.maps, [key]))
+        return key, torch.from_numpy(map_contexts(prepared, [key]))
 
     def evaluate(self, bootstrap: int = 0, markers: int | None = None, sinkhorn: bool = False) -> int:
         """Score the saved maps again on their test cells (e.g. with bootstrap); rows to the store.

@@ -34,9 +34,10 @@ def _data_args(p: argparse.ArgumentParser, perturbations_help: str, groups_help:
                    "with --context-keys a context whose cells are all held out is not trained on, only evaluated")
     p.add_argument("--context-keys", metavar="KEY[,KEY]",
                    help="condot: what the map is conditioned on, the condition key and/or the split-by key")
-    p.add_argument("--embedding", action="append", default=[], metavar="KEY=onehot|value|log",
+    p.add_argument("--embedding", action="append", default=[], metavar="KEY=onehot|value|log|moa",
                    help="embedding of a context key (default onehot; 'A+B' labels are multi-hot); value: the "
-                        "label as a number, scaled; log: log10 of it, scaled")
+                        "label as a number, scaled; log: log10 of it, scaled; moa (condition key): mode of "
+                        "action, an MDS of W2 distances between perturbed populations")
     p.add_argument("--growth", type=Path, metavar="CSV",
                    help="observed cell-count ratios (treated / control) per perturbation: columns perturbation, "
                         "growth [, group]; they multiply the predicted weights (nubot's obs['weight'])")
@@ -81,7 +82,8 @@ def _train_args(p: argparse.ArgumentParser, with_data: bool = True) -> None:
                                       "mounts, or s3://BUCKET/PREFIX, gs://BUCKET/PREFIX (pyarrow filesystems; "
                                       "default: the run directory)")
     p.add_argument("--device", help="auto (default: a GPU per worker when Ray has GPUs) | cpu | cuda | cuda:N")
-    p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (each owns whole maps; condot: data-parallel, "
+                   "each draws a share of every minibatch)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions allowed; 0 = CPU)")
 
 

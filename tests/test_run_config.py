@@ -10,7 +10,7 @@ import yaml
 from engine.config import RunConfig
 from engine.data import DataError, DataSpec, make_synthetic, prepare
 from engine.train.device import resolve_device
-from engine.data.contexts import map_contexts
+from engine.data.contexts import ContextEncoder
 from engine.train.stack import stack_data
 
 
@@ -135,6 +135,7 @@ def test_map_contexts_are_multi_hot_and_independent_of_the_stack():
 
     maps = [MapKey("a", "x"), MapKey("a", "x+y"), MapKey("b", "y")]
     spec = DataSpec("condition", "control", split_by="group")
-    full = map_contexts(spec, maps, maps)
+    encoder = ContextEncoder.for_maps(spec, maps)
+    full = encoder.encode_maps(spec, maps)
     np.testing.assert_array_equal(full, [[1, 0, 1, 0], [1, 1, 1, 0], [0, 1, 0, 1]])
-    np.testing.assert_array_equal(map_contexts(spec, maps, maps[2:]), full[2:])
+    np.testing.assert_array_equal(encoder.encode_maps(spec, maps[2:]), full[2:])

@@ -59,7 +59,9 @@ them (DESIGN: fractional GPUs for small stacks), else CPU. A GPU
     connect(cluster.address)
     resources = ray.cluster_resources()
     available = resources.get("GPU", 0.0)
-    workers = 1 if config.solver_cls.shared else max(1, min(cluster.workers, n_maps))
+    workers = cluster.workers if config.solver_cls.shared else max(1, min(cluster.workers, n_maps))
+    if workers > config.train.batch_size:  # data parallel: each worker draws at least one cell per minibatch
+        raise DataError(f"{workers} data-parallel workers need train.batch_size >= {workers}, got {config.train.batch_size}")
     cpus = resources.get("CPU", 0.0)
     if cluster.address == "local" and workers > cpus:
         raise DataError(f"{workers} workers need {workers} CPUs, but this local Ray has {cpus:g} CPU(s) and cannot "

@@ -1,6 +1,10 @@
 """One Ray Train fit per job: each worker owns whole maps, balanced by cell count, and trains
 them as stacks with the device-level loop (engine.train). No gradients are exchanged between
-workers: different maps share nothing.
+workers: different maps share nothing. A shared solver (one model over all contexts, CondOT) is
+trained data-parallel instead: every worker trains the one stack on its share of each minibatch,
+and the gradients are averaged over the workers before every optimizer step by an explicit
+all-reduce (engine.solvers.optim.worker_average over torch.distributed; DDP's hooks fire in
+.backward() only, and the solvers take their gradients with torch.autograd.grad).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import time
 
 import ray
 import torch
+import torch.distributed as dist
 from ray.train import FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
@@ -20,7 +25,9 @@ from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
 from engine.progress import ProgressFn, RunProgress
 from engine.rundir import RunDir
+from engine.solvers.optim import worker_average
 from engine.train.stack import stack_id, stacks_of
+from engine.train.stack_data import batch_share
 from engine.train.loop import StopRequested
 from engine.train.worker import FINAL_STATUSES, MapRun, train_maps
 
@@ -37,8 +44,10 @@ def balance(maps: list[MapKey], weights: list[int], workers: int) -> list[list[M
 
 
 def train_worker(loop_config: dict) -> None:
-    """Per-worker function: fetch this worker's cells zero-copy, train its maps stack by stack."""
-    rank = ray.train.get_context().get_world_rank()
+    """Per-worker function: fetch this worker's cells zero-copy, train its maps stack by stack (a
+    shared model: every worker the same stack, on its share of each minibatch)."""
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     keys = [MapKey(*k) for k in loop_config["assignments"][rank]]
     if not keys:
         return
@@ -68,9 +77,13 @@ def train_worker(loop_config: dict) -> None:
         torch.set_num_threads(1)
         device = torch.device("cpu")
     reporter = SinkReporter(ray.get_actor(loop_config["sink"]))
+    workers = context.get_world_size()
+    parallel = config.solver_cls.shared and workers > 1
+    share = (rank, workers) if parallel else (0, 1)
+    average = worker_average(batch_share(share, config.train.batch_size), dist.all_reduce) if parallel else None
     try:
         run_dir = RunDir(loop_config["run_dir"], storage=loop_config["storage"])  # a worker touches the storage only
-        train_maps(MapRun(prepared, config, run_dir, reporter, device, loop_config["run_id"]), keys)
+        train_maps(MapRun(prepared, config, run_dir, reporter, device, loop_config["run_id"], share, average), keys)
     except StopRequested:  # the driver stops the run: the running stack has checkpointed
         return
 
@@ -91,11 +104,14 @@ def run_training(
     Stacks whose maps file exists are done (a resumed run skips them); the others resume from
     their checkpoints. On KeyboardInterrupt the workers checkpoint where they are and stop. on_progress(RunProgress) is called about twice a second. config.cluster is
     the placed one (engine.cluster.runtime.connect_for): a shared solver (one model over all
-    contexts, CondOT) has one worker and one stack; its data-parallel training is still to come.
+    contexts, CondOT) is one stack that every worker trains, data-parallel.
     """
     cls = config.solver_cls
-    workers = config.cluster.workers  # placed: at most one per map, one for a shared solver
-    assignments = balance(prepared.maps, [prepared.n_cells(k) for k in prepared.maps], workers)
+    workers = config.cluster.workers  # placed: at most one per map (a shared solver: any number, data-parallel)
+    if cls.shared:
+        assignments = [list(prepared.maps)] * workers
+    else:
+        assignments = balance(prepared.maps, [prepared.n_cells(k) for k in prepared.maps], workers)
     stacks = {stack_id(chunk): chunk for keys in assignments for chunk in stacks_of(keys, config.train.stack_size, cls.shared)}
     finished = {stack for stack in stacks if run_dir.maps_file(stack).exists()}
     steps_per_stack = cls.plan(config.solver_config(), config.train.steps).total

@@ -19,11 +19,12 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from engine.data.contexts import ContextEncoder
+from engine.data.moa import mode_of_action
 from engine.data.embed import Embedding, PCAEmbedding, fit_embedding, load_embedding
 from engine.data.io import aligned_features, feature_matrix
 from engine.data.markers import rank_markers
 from engine.data.preprocess import Preprocessing
-from engine.data.spec import DataError, DataSpec, MapKey, name_some
+from engine.data.spec import DataError, DataSpec, MapKey, name_some, parse_embeddings
 from engine.data.split import SPLITS, TRAIN, pair_indices, split_cells
 from engine.storage import PathLike, StoragePath, as_storage, to_bytes
 
@@ -62,6 +63,7 @@ class PreparedData:
     preprocessing: Preprocessing
     embedding: Embedding | None
     markers: dict[str, np.ndarray]
+    contexts: ContextEncoder  # the maps' contexts (mode-of-action points fitted on train cells)
 
     @property
     def dim(self) -> int:
@@ -131,6 +133,7 @@ class PreparedData:
             "input_features": self.input_features,
             "maps": [[key.group, key.perturbation] for key in self.maps],
             "tables": entries,
+            "contexts": self.contexts.to_dict(),
         }
         (directory / "meta.json").write_text(json.dumps(meta, indent=1))
         return directory
@@ -156,7 +159,9 @@ class PreparedData:
             embedding = load_embedding(directory) or (  # before pca.npz, PCA was in arrays.npz
                 PCAEmbedding(arrays["pca_mean"], arrays["pca_components"]) if "pca_mean" in arrays else None)
         input_features = meta.get("input_features", meta["features"])
-        return cls(spec, meta["features"], input_features, maps, tables, preprocessing, embedding, markers)
+        contexts = (ContextEncoder.from_dict(meta["contexts"]) if "contexts" in meta  # saved before: from labels
+                    else ContextEncoder.for_maps(spec, maps))
+        return cls(spec, meta["features"], input_features, maps, tables, preprocessing, embedding, markers, contexts)
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -165,6 +170,7 @@ class PreparedData:
             == (other.spec, other.features, other.input_features, other.maps)
             and self.preprocessing == other.preprocessing
             and self.embedding == other.embedding
+            and json.dumps(self.contexts.to_dict()) == json.dumps(other.contexts.to_dict())
             and self.markers.keys() == other.markers.keys()
             and all(np.array_equal(v, other.markers[k]) for k, v in self.markers.items())
             and self.tables.keys() == other.tables.keys()
@@ -297,7 +303,7 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     if not maps:
         raise DataError(f"no map to make: none of the perturbations is in the groups {name_some(sorted(wanted_groups))}")
     if spec.context_keys is not None:
-        ContextEncoder.for_maps(spec, maps)  # bad labels for an embedding fail here, before any work
+        ContextEncoder.for_maps(spec, maps)  # bad labels for an embedding fail here, before any work (moa: labels only)
     if spec.growth is not None:
         named = {k.name for k in maps} | {k.perturbation for k in maps}
         unknown = [label for label in spec.growth if label not in named]
@@ -347,4 +353,31 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
         key: _cell_table(names[idx], x_model[idx], None if embedding is None else x_data[idx])
         for key, idx in rows_of.items()
     }
-    return PreparedData(spec, features, input_features, maps, tables, preprocessing, embedding, markers)
+    moa_key = spec.context_keys and parse_embeddings(spec.embeddings, spec.context_keys).get(spec.condition_key) == "moa"
+    moa = _mode_of_action(spec, maps, x_model, rows_of, unseen) if moa_key else None
+    contexts = ContextEncoder.for_maps(spec, maps, moa)
+    return PreparedData(spec, features, input_features, maps, tables, preprocessing, embedding, markers, contexts)
+
+
+def _mode_of_action(
+    spec: DataSpec, maps: list[MapKey], x_model: np.ndarray, rows_of: dict[tuple[str, str, str], np.ndarray],
+    unseen: set[tuple[str, str]],
+) -> dict[str, np.ndarray]:
+    """Mode-of-action points of the single perturbations (engine.data.moa): the MDS of their train
+    cells (pooled over groups); a perturbation held out everywhere is placed from its held-out cells."""
+    seen: dict[str, list[np.ndarray]] = {}
+    held_out: dict[str, list[np.ndarray]] = {}
+    for key in maps:
+        if "+" in key.perturbation:
+            continue
+        pair = (key.group or "", key.perturbation)
+        if pair in unseen:
+            held_out.setdefault(key.perturbation, []).append(rows_of[(*pair, "test")])
+        else:
+            seen.setdefault(key.perturbation, []).append(rows_of[(*pair, "train")])
+    if len(seen) < 2:
+        raise DataError(f"embedding {spec.condition_key}=moa needs two perturbations with training cells "
+                        f"(single ones, not combinations); got {name_some(sorted(seen))}")
+    cells = {label: x_model[np.concatenate(rows)] for label, rows in seen.items()}
+    held = {label: x_model[np.concatenate(rows)] for label, rows in held_out.items() if label not in seen}
+    return mode_of_action(cells, held)

@@ -24,7 +24,7 @@ def name_some(items: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-EMBEDDINGS = ("onehot", "value", "log")  # context embeddings (engine.data.contexts)
+EMBEDDINGS = ("onehot", "value", "log", "moa")  # context embeddings (engine.data.contexts)
 
 
 def parse_embeddings(items: tuple[str, ...], keys: tuple[str, ...]) -> dict[str, str]:
@@ -83,7 +83,7 @@ class DataSpec:
     markers: int = 50  # marker features per map (|Welch t|)
     seed: int = 0  # split seed
     context_keys: tuple[str, ...] | None = None  # conditional solvers: the condition and/or split-by key
-    embeddings: tuple[str, ...] = ()  # "KEY=onehot|value|log" per context key (default onehot)
+    embeddings: tuple[str, ...] = ()  # "KEY=onehot|value|log|moa" per context key (default onehot)
     growth: dict[str, float] | None = None  # observed cell-count ratio (treated / control) per perturbation
     # label or map name "GROUP/PERTURBATION" (the latter wins): multiplies the predicted weights
 
@@ -156,7 +156,10 @@ class DataSpec:
             raise DataError(f"with --split-by {self.split_by}, it must be a context key too (each group's maps "
                             "need their own contexts)")
         object.__setattr__(self, "embeddings", tuple(str(e) for e in self.embeddings))
-        parse_embeddings(self.embeddings, self.context_keys)
+        kinds = parse_embeddings(self.embeddings, self.context_keys)
+        if any(kind == "moa" and key != self.condition_key for key, kind in kinds.items()):
+            raise DataError(f"embedding moa places perturbations by their effect: only the condition key "
+                            f"{self.condition_key!r} can have it")
 
     @property
     def splits(self) -> tuple[str, ...]:

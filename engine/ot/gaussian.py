@@ -40,3 +40,16 @@ def gaussian_moments(cells: torch.Tensor, ridge: float = COVARIANCE_RIDGE) -> tu
     centered = cells - mean
     cov = centered.T @ centered / max(cells.shape[0] - 1, 1)
     return mean, cov + ridge * torch.eye(cells.shape[1], dtype=cells.dtype, device=cells.device)
+
+
+def gaussian_w2(
+    means_a: torch.Tensor, covs_a: torch.Tensor, means_b: torch.Tensor, covs_b: torch.Tensor
+) -> torch.Tensor:
+    """W2 distances [A, B] between Gaussians N(m_i, S_i) and N(m_j, T_j) (means [., d], covs [., d, d]):
+    W2^2 = |m_i - m_j|^2 + tr S_i + tr T_j - 2 tr (S_i^1/2 T_j S_i^1/2)^1/2 (the Bures-Wasserstein distance)."""
+    cross = torch.stack([  # one row at a time: [B, d, d] per row, not [A, B, d, d]
+        torch.linalg.eigvalsh(half @ covs_b @ half).clamp_min(0).sqrt().sum(-1) for half in sqrtm_psd(covs_a)
+    ])
+    traces_a, traces_b = (torch.diagonal(c, dim1=-2, dim2=-1).sum(-1) for c in (covs_a, covs_b))
+    squared = torch.cdist(means_a, means_b).square() + traces_a.unsqueeze(1) + traces_b.unsqueeze(0) - 2 * cross
+    return squared.clamp_min(0).sqrt()

@@ -25,6 +25,11 @@ devices, evaluation cadence, best-state selection, divergence and checkpoints li
   parameter and buffer, so maps are kept, restored and frozen by mask independently. A shared
   solver (`shared = True`, one model over all contexts) is one selection unit: its best state is
   chosen on the mean validation MMD over its contexts and it diverges as a whole.
+- Data parallel (shared solvers): several workers may train one model, each on a disjoint share
+  of the global batch (`StackData(share=(rank, workers))`). The Ray layer then sets
+  `solver.average` (engine.solvers.optim.Average): the solver passes it to `adam_step`, which
+  averages the gradients over the workers before each step, and averages its step's logs with it,
+  so every worker holds the same model and logs the global batch's losses. None on one worker.
 - Options: `Config` is a dataclass of the solver's defaults, the published constants unless the
   solver says otherwise; `published` lists the Config values that reproduce the paper where the
   defaults differ (`--published`); `make_config` parses plain values (YAML, `--set`) with type
@@ -39,6 +44,7 @@ import torch
 from torch import nn
 
 from engine.options import DataError, parse_options
+from engine.solvers.optim import Average
 from engine.train.stack_data import StackData
 
 State = dict[str, torch.Tensor]
@@ -136,6 +142,7 @@ class StackSolver(nn.Module):
         self.n_maps, self.dim, self.config, self.context_dim = n_maps, dim, config, context_dim
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
+        self.average: Average | None = None  # data-parallel training: the mean over workers (module docstring)
 
     # -- to implement -------------------------------------------------------------------------
     def init_map(self, k: int, generator: torch.Generator) -> None:

@@ -10,12 +10,18 @@ identity`) or the Bures map between Gaussian fits of that context's source and t
 gaussian`); f starts at the inverse maps. At step 0, grad_x g(., c_j) is then the Bures map of
 training context j (up to the softmax's leak onto the other contexts, e^-sharpness at most).
 
+Combinator (`combinator`): a context is used as it is (`sum`: multi-hot contexts are already the
+sum of their parts' one-hots, the paper's C+), or through a deep set over its tokens shared by f and
+g (`deepset`, engine.nn.deepset; `pool` sum or max), trained with g's optimizer. The softmax then
+starts over the deep set's initial embeddings of the training contexts; convexity in x is untouched.
+
 Training: CellOT's min-max (Makkuva et al. 2020), as the paper. Each outer step draws
 `contexts_per_step` training contexts (the paper: 1; 0 = all), a target batch y of each, then
 `inner_steps` g-steps on fresh source batches x of the same contexts,
     loss_g = mean[f(T(x, c), c) - <x, T(x, c)>] + lambda sum_k ||relu(-W^z_k(g))||_F,
 then one f-step, loss_f = mean f(y, c) - mean f(T(x, c), c), and the clamp W^z_k(f) <- max(., 0).
-Adam 1e-4, betas (0.5, 0.9), batch 256 per context (train.batch_size). The contexts of a step are a
+Adam 1e-4, betas (0.5, 0.9), batch 256 per context (train.batch_size; with data-parallel workers,
+the global batch, each worker drawing its share and the gradients averaged: StackSolver.average). The contexts of a step are a
 hash of (the model's draw seed, step), so a resumed run draws the same ones.
 """
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from engine.nn.deepset import DeepSet, Pool
 from engine.nn.picnn import StackedPICNN
 from engine.ot.gaussian import COVARIANCE_RIDGE, bures_map
 from engine.solvers.base import Phase, StackSolver, Transport
@@ -32,6 +39,7 @@ from engine.solvers.optim import adam_step
 from engine.train.stack_data import Batch, StackData, mix32
 
 CondInit = Literal["gaussian", "identity"]
+Combinator = Literal["sum", "deepset"]
 CHUNK_ELEMENTS = 1 << 24  # cells x quadratics x dim per transport chunk (bounds the memory of z_0)
 
 
@@ -48,6 +56,8 @@ class CondOTConfig:
     inner_steps: int = 10  # g-steps per f-step
     penalty: float = 1.0  # lambda of the penalty on g's negative W^z
     contexts_per_step: int = 1  # training contexts drawn per outer step (the paper: 1; 0 = all)
+    combinator: Combinator = "sum"  # sum: contexts as given (multi-hot sums) | deepset: a deep set of their tokens
+    pool: Pool = "sum"  # the deep set's pooling: sum | max
 
 
 class CondOT(StackSolver):
@@ -65,12 +75,19 @@ class CondOT(StackSolver):
             raise ValueError("condot needs contexts_per_step >= 0, inner_steps >= 1 and sharpness > 0")
         self.f = StackedPICNN(1, dim, context_dim, n_maps, config.hidden, config.negative_slope)
         self.g = StackedPICNN(1, dim, context_dim, n_maps, config.hidden, config.negative_slope)
+        self.combinator = DeepSet(1, context_dim, config.pool) if config.combinator == "deepset" else None
         self.register_buffer("draw_seed", torch.zeros((), dtype=torch.int64))
+
+    def embed(self, context: torch.Tensor) -> torch.Tensor:
+        """The context the potentials read [1, n, q]: as given, or its deep-set embedding."""
+        return context if self.combinator is None else self.combinator(context)
 
     @torch.no_grad()
     def init_map(self, k: int, generator: torch.Generator) -> None:
         for net in (self.f, self.g):
             net.init_map(0, generator, self.config.init_scale)
+        if self.combinator is not None:
+            self.combinator.init_model(0, generator)
         self.draw_seed.fill_(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
 
     @torch.no_grad()
@@ -79,8 +96,9 @@ class CondOT(StackSolver):
         if data.contexts is None or data.n_maps != self.n_maps:
             raise ValueError(f"condot was built for {self.n_maps} training contexts; the data have "
                              f"{data.n_maps} maps and {'no' if data.contexts is None else 'their'} contexts")
+        contexts = self.embed(data.contexts.detach().cpu().unsqueeze(0))[0]
         for net in (self.f, self.g):
-            net.set_contexts(data.contexts.detach().cpu().double(), self.config.sharpness)
+            net.set_contexts(contexts.double(), self.config.sharpness)
         if self.config.init == "gaussian":
             mean_s, cov_s, mean_t, cov_t = data.moments(self.config.covariance_ridge)
             self.g.set_affine(*(t.cpu() for t in bures_map(mean_s, cov_s, mean_t, cov_t)))
@@ -88,8 +106,9 @@ class CondOT(StackSolver):
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.config
-        return {name: torch.optim.Adam(net.parameters(), lr=c.lr, betas=c.betas, fused=True)
-                for name, net in (("f", self.f), ("g", self.g))}
+        g_params = [*self.g.parameters(), *(() if self.combinator is None else self.combinator.parameters())]
+        return {name: torch.optim.Adam(params, lr=c.lr, betas=c.betas, fused=True)
+                for name, params in (("f", list(self.f.parameters())), ("g", g_params))}
 
     def _contexts_of_step(self, step: int) -> torch.Tensor:
         """Indices of the training contexts drawn at `step` (all when contexts_per_step is 0 or >= K)."""
@@ -100,11 +119,10 @@ class CondOT(StackSolver):
         keys = mix32(mix32(self.draw_seed ^ (step & 0x7FFFFFFF)) ^ everything)
         return torch.argsort(keys)[:n]
 
-    @staticmethod
-    def _flat(batch: Batch, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chosen contexts' cells and per-cell contexts as one model's batch: [1, m b, d], [1, m b, q]."""
+    def _flat(self, batch: Batch, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen contexts' cells and embedded per-cell contexts as one model's batch: [1, m b, d], [1, m b, q]."""
         cells, context = batch.cells[chosen], batch.context[chosen]
-        return cells.reshape(1, -1, cells.shape[-1]), context.reshape(1, -1, context.shape[-1])
+        return cells.reshape(1, -1, cells.shape[-1]), self.embed(context.reshape(1, -1, context.shape[-1]))
 
     def train_step(self, data: StackData, step: int, phase: Phase) -> dict[str, torch.Tensor]:
         chosen = self._contexts_of_step(step)
@@ -114,15 +132,18 @@ class CondOT(StackSolver):
             x.requires_grad_(True)
             t = self.g.gradient(x, c_x, create_graph=True)
             loss_g = (self.f(t, c_x) - (x * t).sum(-1, keepdim=True)).mean((1, 2))
-            adam_step(self.optimizers["g"], loss_g + self.config.penalty * self.g.negative_weight_penalty())
+            adam_step(self.optimizers["g"], loss_g + self.config.penalty * self.g.negative_weight_penalty(), self.average)
         x, c_x = self._flat(data.source_sample(), chosen)
         t = self.g.gradient(x, c_x)
         f_t, f_y = self.f(t, c_x).mean((1, 2)), self.f(y, c_y).mean((1, 2))
-        adam_step(self.optimizers["f"], f_y - f_t)
+        adam_step(self.optimizers["f"], f_y - f_t, self.average)
         self.f.clamp_hidden_weights()
         with torch.no_grad():
             w2 = f_t - (x * t).sum(-1).mean(1) - f_y + 0.5 * ((x * x).sum(-1).mean(1) + (y * y).sum(-1).mean(1))
-        return {"loss_g": loss_g.detach(), "loss_f": (f_y - f_t).detach(), "w2_estimate": w2}
+        logs = {"loss_g": loss_g.detach(), "loss_f": (f_y - f_t).detach(), "w2_estimate": w2}
+        if self.average is not None:  # data parallel: the global batch's values on every worker
+            self.average(list(logs.values()))
+        return logs
 
     def transport(self, x: torch.Tensor, context: torch.Tensor | None = None) -> Transport:
         """x [K, n, d] with one context per map [K, c] (any K: seen or unseen contexts)."""
@@ -130,7 +151,9 @@ class CondOT(StackSolver):
             raise ValueError("condot needs a context per map to transport cells")
         k, n, d = x.shape
         cells = x.reshape(1, k * n, d)
-        contexts = context.to(x).unsqueeze(1).expand(k, n, -1).reshape(1, k * n, -1)
+        with torch.no_grad():
+            embedded = self.embed(context.to(x).unsqueeze(0))[0]
+        contexts = embedded.unsqueeze(1).expand(k, n, -1).reshape(1, k * n, -1)
         chunk = max(1, CHUNK_ELEMENTS // (self.n_maps * d))
         moved = [self.g.gradient(cells[:, i : i + chunk], contexts[:, i : i + chunk]).detach()
                  for i in range(0, k * n, chunk)]

@@ -50,7 +50,7 @@ def evaluate_maps(
     trained = trained_maps(prepared, keys)
     contexts, fitted_on = data.contexts, list(range(len(keys)))
     if len(trained) < len(keys):
-        contexts = torch.from_numpy(map_contexts(prepared.spec, prepared.maps, keys)).to(data.device)
+        contexts = torch.from_numpy(map_contexts(prepared, keys)).to(data.device)
         fitted_on = nearest_trained(prepared, keys)
 
     def decoded(cells: np.ndarray) -> np.ndarray:

@@ -135,8 +135,11 @@ def train_stack(
     checkpoint: PathLike | None = None,
     on_eval: EvalCallback | None = None,
     on_progress: Callable[[int], None] | None = None,
+    writes_checkpoint: bool = True,
 ) -> StackOutcome:
-    """Train the (initialised, on-device) solver through its plan; leave each unit at its best state."""
+    """Train the (initialised, on-device) solver through its plan; leave each unit at its best state.
+    `checkpoint` is resumed from when it exists, and written unless `writes_checkpoint` is False (a
+    data-parallel worker other than the first: the first writes the state they all hold)."""
     started = time.perf_counter()
     plan = solver.plan(solver.config, config.steps)
     solver.start_training(plan)
@@ -187,13 +190,14 @@ def train_stack(
             done = step + 1
             if done in evaluations:
                 evaluate(done, phase.name, window.means())
-            if checkpoint is not None and (done % config.checkpoint_every == 0 or done == plan.total):
+            saves = checkpoint is not None and writes_checkpoint
+            if saves and (done % config.checkpoint_every == 0 or done == plan.total):
                 _save(checkpoint, plan, solver, data, book, done, history, window)
             if on_progress is not None:
                 try:
                     on_progress(done)
                 except StopRequested:
-                    if checkpoint is not None:
+                    if saves:
                         _save(checkpoint, plan, solver, data, book, done, history, window)
                     raise
     if plan.selects:

@@ -40,16 +40,18 @@ def nearest_trained(prepared: PreparedData, keys: list[MapKey]) -> list[int]:
     """Per map of `keys`, its index among trained_maps(keys), or for a held-out context the index of
     the trained map with the nearest context (Euclidean; the first on ties)."""
     trained = trained_maps(prepared, keys)
-    contexts = map_contexts(prepared.spec, prepared.maps, keys)
-    seen = map_contexts(prepared.spec, prepared.maps, trained)
+    contexts = map_contexts(prepared, keys)
+    seen = map_contexts(prepared, trained)
     return [trained.index(k) if k in trained else int(np.argmin(((seen - c) ** 2).sum(1)))
             for k, c in zip(keys, contexts)]
 
 
-def stack_data(prepared: PreparedData, keys: list[MapKey], config: RunConfig, device: torch.device) -> StackData:
+def stack_data(prepared: PreparedData, keys: list[MapKey], config: RunConfig, device: torch.device,
+               share: tuple[int, int] = (0, 1)) -> StackData:
     """Training cells, a fixed selection subset (eval_cells per map, from the `select_on` split:
     valid by default, test for CellOT's protocol) and the contexts of each map of
-    trained_maps(keys) (a held-out context has no training cells: it is only evaluated)."""
+    trained_maps(keys) (a held-out context has no training cells: it is only evaluated); `share`
+    (rank, workers): this worker's share of every minibatch (data-parallel training)."""
     train = config.train
     keys = trained_maps(prepared, keys)
     control, select_on = prepared.spec.control, prepared.spec.select_on
@@ -67,7 +69,8 @@ def stack_data(prepared: PreparedData, keys: list[MapKey], config: RunConfig, de
         seeds=seeds,
         batch_size=train.batch_size,
         device=device,
-        contexts=map_contexts(prepared.spec, prepared.maps, keys),
+        contexts=map_contexts(prepared, keys),
+        share=share,
     )
 
 

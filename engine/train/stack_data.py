@@ -11,7 +11,9 @@ cell), which `source_sample` / `target_sample` gather with the cells.
 Draws are counter based: index = hash(map seed, stream, draw counter, slot) mod n_k. A map's
 draws therefore depend only on its own seed and the number of draws so far, never on which other
 maps share its stack, which is what makes stacked training equal one-at-a-time training; the
-counter is the whole sampler state a checkpoint needs.
+counter is the whole sampler state a checkpoint needs. Data-parallel training (`share` = (rank,
+workers)): a worker draws the slots rank, rank + workers, ... of the global batch, so the workers'
+minibatches are disjoint and together are exactly the one-worker minibatch.
 """
 from __future__ import annotations
 
@@ -40,6 +42,13 @@ def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
     x = (((x >> 16) ^ x) * _MIX) & _MASK32
     x = (((x >> 16) ^ x) * _MIX) & _MASK32
     return (x >> 16) ^ x
+
+
+def batch_share(share: tuple[int, int], batch_size: int) -> float:
+    """The fraction of every minibatch that worker `share` = (rank, workers) draws (its slots
+    rank, rank + workers, ... of batch_size)."""
+    rank, workers = share
+    return len(range(rank, batch_size, workers)) / batch_size
 
 
 class Batch(NamedTuple):
@@ -111,8 +120,12 @@ class StackData:
         contexts: np.ndarray | None = None,
         source_contexts: list[np.ndarray] | None = None,
         target_contexts: list[np.ndarray] | None = None,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         device = torch.device(device)
+        rank, workers = share
+        if not 0 <= rank < workers <= batch_size:
+            raise ValueError(f"share {share}: rank in [0, workers) and at most batch_size={batch_size} workers")
         self.source = Population.from_arrays(source, device, source_contexts)
         self.target = Population.from_arrays(target, device, target_contexts)
         self.valid_source = Padded.from_arrays(valid_source, device)
@@ -121,7 +134,7 @@ class StackData:
             raise ValueError(f"contexts has {len(contexts)} rows for {len(seeds)} maps")
         self.contexts = None if contexts is None else torch.as_tensor(np.asarray(contexts, np.float32), device=device)
         self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device).unsqueeze(1)
-        self.slots = torch.arange(batch_size, dtype=torch.int64, device=device).unsqueeze(0)
+        self.slots = torch.arange(rank, batch_size, workers, dtype=torch.int64, device=device).unsqueeze(0)
         self.n_maps, self.dim, self.device = len(seeds), self.source.cells.shape[1], device
         self.draws = 0
 

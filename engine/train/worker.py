@@ -20,6 +20,7 @@ from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
 from engine.data.contexts import map_contexts
 from engine.rundir import RunDir
+from engine.solvers.optim import Average
 from engine.storage import to_bytes
 from engine.train.evaluation import evaluate_maps, metric_rows
 from engine.train.loop import StopRequested, train_stack
@@ -43,7 +44,11 @@ class Reporter(Protocol):
 
 @dataclass
 class MapRun:
-    """What every stack of one worker shares: the cells, the run's config and where results go."""
+    """What every stack of one worker shares: the cells, the run's config and where results go.
+
+    Data-parallel training of a shared model (engine.cluster.trainer): every worker runs the same
+    stack with `share` = (rank, workers) of each minibatch and `average` (the mean over workers,
+    StackSolver.average); the first worker (rank 0) alone reports, checkpoints, evaluates and saves."""
 
     prepared: PreparedData
     config: RunConfig
@@ -51,6 +56,13 @@ class MapRun:
     reporter: Reporter
     device: torch.device
     run_id: str
+    share: tuple[int, int] = (0, 1)
+    average: Average | None = None
+
+    @property
+    def leads(self) -> bool:
+        """Does this worker report and write (the only one, or rank 0 of a data-parallel group)?"""
+        return self.share[0] == 0
 
     def map_rows(self, keys: list[MapKey], status: str, **fields: object) -> list[dict]:
         return [{"run_id": self.run_id, "perturbation": k.name, "status": status, **fields} for k in keys]
@@ -67,18 +79,24 @@ def train_maps(run: MapRun, keys: list[MapKey]) -> None:
         except Exception as error:  # one failed stack must not lose the others
             run.reporter.maps(run.map_rows(chunk, "failed", error=f"{type(error).__name__}: {error}"))
             traceback.print_exc()
+            if run.average is not None:  # data parallel: the other workers would wait for this one in the
+                raise                    # all-reduce; failing ends the group (Ray Train restarts it from the checkpoint)
 
 
 def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
     config, reporter = run.config, run.reporter
     trained = trained_maps(run.prepared, keys)  # all but a shared model's held-out contexts
-    data = stack_data(run.prepared, keys, config, run.device)
+    data = stack_data(run.prepared, keys, config, run.device, run.share)
     solver = new_solver(config, data, run.device)
-    reporter.maps(run.map_rows(keys, "running"))
+    solver.average = run.average
+    if run.leads:
+        reporter.maps(run.map_rows(keys, "running"))
     total = solver.plan(solver.config, config.train.steps).total
     select_split = "valid" if run.prepared.spec.select_on == "valid" else "valid_test"
 
     def on_eval(step: int, row: dict[str, torch.Tensor]) -> None:
+        if not run.leads:
+            return
         reporter.metrics(
             [
                 {"run_id": run.run_id, "perturbation": key.name, "split": select_split if name == "mmd" else "train",
@@ -93,11 +111,18 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
     def on_progress(done: int) -> None:  # first call: where a resumed stack starts
         if done - last_report[0] >= PROGRESS_EVERY or done == total:
             last_report[0] = done
-            if reporter.progress(stack, done):
+            stop = run.leads and reporter.progress(stack, done)
+            if run.average is not None:  # every data-parallel worker stops at the same step
+                flag = torch.tensor([float(stop)], device=run.device)
+                run.average([flag])
+                stop = bool(flag.item() > 0)
+            if stop:
                 raise StopRequested
 
     outcome = train_stack(solver, data, config.train, checkpoint=run.run_dir.train_checkpoint(stack),
-                          on_eval=on_eval, on_progress=on_progress)
+                          on_eval=on_eval, on_progress=on_progress, writes_checkpoint=run.leads)
+    if not run.leads:
+        return
     logs = [("train_seconds", outcome.seconds, outcome.steps)]
     if outcome.resumed_from > 0:  # a restarted worker or a resumed run: the step this stack picked up at
         logs.append(("resumed_from", float(outcome.resumed_from), outcome.resumed_from))
@@ -119,5 +144,5 @@ def _train_one_stack(run: MapRun, keys: list[MapKey], stack: str) -> None:
         error = f"non-finite losses; kept its state of step {outcome.best_step[i]}" if diverged else None
         reporter.maps(run.map_rows([key], "diverged" if diverged else "trained", steps=outcome.steps,
                                    best_step=outcome.best_step[i], checkpoint=str(path), error=error))
-    contexts = torch.from_numpy(map_contexts(run.prepared.spec, run.prepared.maps, keys))
+    contexts = torch.from_numpy(map_contexts(run.prepared, keys))
     save_maps(path, solver, keys, contexts, config.to_dict())  # written last: it marks the stack done
