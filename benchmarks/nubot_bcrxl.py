@@ -77,14 +77,15 @@ def population_weights(result: FitResult, adata: ad.AnnData, populations: np.nda
     """Per donor and population: test controls, observed share ratio BCRXL / Ref, mean predicted weight."""
     predicted = ad.read_h5ad(result.run_dir / "predictions.h5ad")
     position = {name: i for i, name in enumerate(adata.obs_names)}
+    donors, condition = adata.obs["patient_id"].astype(str).to_numpy(), adata.obs["condition"].astype(str).to_numpy()
+    predicted_donors = predicted.obs["group"].astype(str)
     out: dict[str, dict[str, Any]] = {}
-    for donor in sorted(predicted.obs["group"].astype(str).unique()):
-        rows = predicted.obs[predicted.obs["group"].astype(str) == donor]
+    for donor in sorted(predicted_donors.unique()):
+        rows = predicted.obs[predicted_donors == donor]
         called = populations[[position[c] for c in rows["source_cell"]]]
         weights = rows["weight"].to_numpy(dtype=float)
         weights = weights / weights.mean()
-        cells = adata.obs["patient_id"].astype(str).to_numpy() == donor
-        condition = adata.obs["condition"].astype(str).to_numpy()
+        cells = donors == donor
         share = {c: np.array([np.sum(populations[cells & (condition == c)] == pop) for pop in POPULATIONS])
                  for c in ("Ref", "BCRXL")}
         out[donor] = {}
@@ -121,8 +122,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         donors[donor]["nubot_mmd_weighted"] = row
     doc = {"benchmark": "nubot_bcrxl", "settings": {"steps": args.steps, "seed": args.seed, "data": str(args.data)},
            "wall_seconds": {solver: seconds for solver, (_, seconds) in runs.items()},
-           "train_seconds": {solver: result.maps()["train_seconds"].sum() if "train_seconds" in result.maps() else None
-                             for solver, (result, _) in runs.items()},
            "per_donor": donors, "populations": population_weights(nubot, adata, call_populations(adata))}
     return emit(doc, args.out)
 

@@ -144,7 +144,7 @@ class NubOT(StackSolver):
     def relative_masses(self, moved: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """e_i = b sum_j P_ij / sum_ij P_ij [K, b] for the unbalanced plan P between moved [K, b, d]
         and other [K, m, d], uniform marginals, cost |moved_i - other_j|^2 / its max per map."""
-        cost = squared_distances(moved.detach(), other)
+        cost = squared_distances(moved, other)
         cost = cost / cost.amax((1, 2), keepdim=True).clamp_min(torch.finfo(cost.dtype).tiny)
         c = self.config
         rows = unbalanced_sinkhorn(cost, c.eps, c.reg_m, max_iterations=c.sinkhorn_iterations).sum(2)
@@ -152,7 +152,7 @@ class NubOT(StackSolver):
 
     def train_step(self, data: StackData, step: int, phase: Phase) -> dict[str, torch.Tensor]:
         x, y = data.source_batch(), data.target_batch()
-        moved = self.g.gradient(x).detach()
+        moved = self.g.gradient(x)  # no graph: create_graph=False
         e = self.relative_masses(moved, y)
         logs = self._amortized_step(x, y, e) if self.config.dual == "amortized" else self._minmax_step(x, y, e)
         loss_eta = (self.eta(x).squeeze(-1) - e).square().mean(1)
@@ -202,7 +202,7 @@ class NubOT(StackSolver):
 
     def transport(self, x: torch.Tensor, context: torch.Tensor | None = None) -> Transport:
         """T(x) = grad g(x) [K, n, d] and the weight eta(x) / zeta(T(x)) [K, n]."""
-        moved = self.g.gradient(x).detach()
+        moved = self.g.gradient(x)  # no graph: create_graph=False
         with torch.no_grad():
             weights = self.eta(x).squeeze(-1) / self.zeta(moved).squeeze(-1).clamp_min(MIN_ZETA)
         return Transport(moved, weights)
