@@ -10,7 +10,9 @@ Per step budget, one `engine.fit` (CellOT, stacks of `--stack-size` maps, one To
     divided by the workers (they train in parallel);
   - overhead_s_per_map: (wall_s - train_s) / maps, what each map costs besides training;
   - peak_rss_mb: the peak resident memory of the driver, and of the driver plus every process it
-    started (Ray's, its workers'), sampled every 0.5 s from /proc (Linux);
+    started (Ray's, its workers'), sampled every 0.5 s from /proc (Linux); the driver's also split
+    into preparing (reading the file, preparing and saving the cells: up to the first progress
+    report) and after (training, evaluation, predictions.h5ad), where it should hold no cells;
 and every map's final status, so a job that lost maps shows it. The smallest budget stands for
 "0 steps" (a run needs at least one). Numbers are from one run per budget (a 1,000-map job takes long
 on 2 cores); compare budgets measured in the same invocation.
@@ -33,6 +35,7 @@ from benchmarks.report import emit  # noqa: E402
 from engine.api import fit  # noqa: E402
 from engine.cluster.runtime import connect  # noqa: E402
 from engine.data import make_synthetic  # noqa: E402
+from engine.progress import ProgressBar, RunProgress  # noqa: E402
 
 
 def _rss_kb(pid: int) -> int:
@@ -63,17 +66,22 @@ def _descendants(root: int) -> list[int]:
 
 
 class PeakMemory:
-    """Peak RSS of this process and of its whole process tree, sampled in a thread."""
+    """Peak RSS of this process (before and after `mark()`) and of its whole process tree, sampled in a thread."""
 
     def __init__(self, every_s: float = 0.5) -> None:
-        self.every_s, self.driver_kb, self.tree_kb = every_s, 0, 0
+        self.every_s, self.tree_kb = every_s, 0
+        self.driver_kb = {"preparing": 0, "after": 0}
+        self._phase = "preparing"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def mark(self) -> None:
+        self._phase = "after"
 
     def _sample(self) -> None:
         while not self._stop.is_set():
             pids = _descendants(os.getpid())
-            self.driver_kb = max(self.driver_kb, _rss_kb(os.getpid()))
+            self.driver_kb[self._phase] = max(self.driver_kb[self._phase], _rss_kb(os.getpid()))
             self.tree_kb = max(self.tree_kb, sum(_rss_kb(p) for p in pids))
             self._stop.wait(self.every_s)
 
@@ -87,18 +95,29 @@ class PeakMemory:
 
 
 def measure(path: Path, steps: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    bar = ProgressBar(f"{steps} steps")
     with PeakMemory() as memory:
+
+        def on_progress(progress: RunProgress) -> None:
+            memory.mark()  # training has started: the data is prepared and saved
+            bar(progress)
+
         started = time.perf_counter()
         result = fit(path, condition_key="condition", control="control", split_by="group", steps=steps,
                      train={"stack_size": args.stack_size, "eval_every": max(steps, 1)}, workers=args.workers,
-                     out=root / f"steps{steps}", progress=True)
+                     out=root / f"steps{steps}", on_progress=on_progress)
         wall = time.perf_counter() - started
+        bar.close()
     maps = result.maps()
     seconds = result.metrics(split="train", metric="train_seconds").merge(maps[["perturbation", "checkpoint"]])
     train = float(seconds.groupby("checkpoint")["value"].first().sum()) / args.workers  # one time per stack
     return {"steps": steps, "maps": len(maps), "statuses": maps["status"].value_counts().to_dict(),
             "wall_s": wall, "train_s": train, "overhead_s_per_map": (wall - train) / len(maps),
-            "peak_rss_mb_driver": memory.driver_kb / 1024, "peak_rss_mb_all": memory.tree_kb / 1024}
+            "peak_rss_mb_driver": max(memory.driver_kb.values()) / 1024,
+            "peak_rss_mb_driver_preparing": memory.driver_kb["preparing"] / 1024,
+            "peak_rss_mb_driver_after": memory.driver_kb["after"] / 1024,
+            "cells_mb": args.groups * (args.maps // args.groups + 1) * args.cells * args.dim * 4 / 2**20,
+            "peak_rss_mb_all": memory.tree_kb / 1024}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -118,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "synthetic.h5ad"
         adata.write_h5ad(path)
+        del adata  # the driver's memory is the job's own
         runs = [measure(path, steps, args, Path(tmp)) for steps in args.steps]
     report = {
         "benchmark": "scale",

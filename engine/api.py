@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import torch
+from anndata.io import write_elem
 
 from engine.config import RunConfig
 from engine.data import DataError, MapKey, PreparedData, prepare, read_h5ad
 from engine.data.contexts import context_map, map_contexts
+from engine.data.prepared import read_tables
 from engine.progress import ProgressBar, ProgressFn
 from engine.rundir import RunDir, default_run_dir
 from engine.storage import PathLike
@@ -264,14 +267,14 @@ def run(config: RunConfig, run_dir: str | Path, store_url: str | None = None, ad
             raise DataError(f"{run_dir} already holds a run; finish it with `perturbot train --resume {run_dir}` "
                             "or choose another --out")
         return resume_run(directory.root, config, store_url, on_progress, storage)
-    adata = read_h5ad(config.dataset) if adata is None else adata
-    prepared = prepare(adata, config.data)
+    prepared = prepare(read_h5ad(config.dataset) if adata is None else adata, config.data)
     placed = dataclasses.replace(config, cluster=_place(config, len(prepared.maps)))
     directory.root.mkdir(parents=True, exist_ok=True)
     store_url = store_url or directory.default_store
     run_id = f"{config.solver}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     config.save(directory.config)
     prepared.save(directory.data)
+    prepared = prepared.layout()  # from here on the driver holds no cells (README "Placement and memory")
     directory.write_info(run_id, store_url)
     dataset = Path(config.dataset)
     with Store(store_url) as store:
@@ -302,7 +305,7 @@ def resume_run(run_dir: str | Path, config: RunConfig | None = None, store_url: 
                             f"`perturbot train --resume {run_dir}` alone or choose another --out")
         saved = dataclasses.replace(saved, cluster=dataclasses.replace(saved.cluster, address=config.cluster.address))
     info = directory.read_info()
-    prepared = PreparedData.load(directory.data)
+    prepared = PreparedData.load(directory.data, tables=())
     placed = dataclasses.replace(saved, cluster=_place(saved, len(prepared.maps)))
     store_url = store_url or info["store"]
     with Store(store_url) as store:
@@ -357,20 +360,48 @@ def _train(placed: RunConfig, prepared: PreparedData, directory: RunDir, run_id:
 
 
 def write_predictions(directory: RunDir, prepared: PreparedData) -> Path:
-    """predictions.h5ad: the test controls of every map, predicted (one row per cell and map)."""
+    """predictions.h5ad: the test controls of every map, predicted (one row per cell and map).
+
+    Streamed: one stack's predicted cells at a time are appended to X on disk, so the driver holds
+    one stack's cells, the test-control names of the groups seen so far and the obs table (about 100
+    bytes a row), which is written last; the file is written beside the target, then moved onto it.
+    """
+    files = directory.all_stack_predictions()
+    if not files:
+        return directory.predictions
     keys = {k.name: k for k in prepared.maps}
-    parts = []
-    for path in directory.all_stack_predictions():
-        with np.load(io.BytesIO(path.read_bytes())) as saved:
-            for i, name in enumerate(saved["maps"]):
-                key = keys[str(name)]
-                sources = prepared.cell_names(key.group, prepared.spec.control, "test")
-                weights = saved[f"weights/{i}"] if f"weights/{i}" in saved else None
-                parts.append(prediction_frame(prepared, key, saved[f"cells/{i}"], weights, sources))
-    if parts:
-        predicted = ad.concat(parts)
-        predicted.uns["perturbot"] = FitResult(directory.root).provenance()
-        predicted.write_h5ad(directory.predictions)
+    names: dict[str | None, list[str]] = {}
+
+    def test_controls(group: str | None) -> list[str]:
+        if group not in names:
+            table = (group or "", prepared.spec.control, "test")
+            names[group] = read_tables(directory.data, [table])[table].column("cell").to_pylist()
+        return names[group]
+
+    partial = directory.predictions.with_name(directory.predictions.name + ".tmp")
+    obs = []
+    with h5py.File(partial, "w") as out:
+        n_features = len(prepared.features)
+        x = out.create_dataset("X", shape=(0, n_features), maxshape=(None, n_features), dtype="float32", chunks=True)
+        x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        for path in files:
+            with np.load(io.BytesIO(path.read_bytes())) as saved:
+                for i, name in enumerate(saved["maps"]):
+                    key = keys[str(name)]
+                    weights = saved[f"weights/{i}"] if f"weights/{i}" in saved else None
+                    part = prediction_frame(prepared, key, saved[f"cells/{i}"], weights, test_controls(key.group))
+                    start = x.shape[0]
+                    x.resize(start + part.n_obs, axis=0)
+                    x[start:] = part.X
+                    obs.append(part.obs)
+        rest = ad.AnnData(obs=pd.concat(obs), var=pd.DataFrame(index=prepared.features),
+                          uns={"perturbot": FitResult(directory.root).provenance()})
+        rest.strings_to_categoricals()  # as write_h5ad does
+        for element in ("obs", "var", "uns", "obsm", "varm", "layers", "obsp", "varp"):
+            value = getattr(rest, element)
+            write_elem(out, element, value if element in ("obs", "var") else dict(value))
+        out.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    partial.replace(directory.predictions)
     return directory.predictions
 
 

@@ -4,8 +4,10 @@ injected mid-run. tests/test_faults.py runs it in a subprocess (it needs a Ray o
     python tests/fault_cluster.py FAULT OUT_DIR
 
 FAULT: worker (a Ray Train worker process is killed), node (the node of a training worker is
-removed), shards (the shard store actor is killed, then a worker, so the restarted workers read
-from the restarted store), driver (the driver process is killed; then `perturbot train --resume`).
+removed), shards (the shard stores are killed, then a worker, so the restarted workers read
+from the restarted stores), driver (the driver process is killed; then `perturbot train --resume`).
+Before the fault (after it, for driver) the placement of the cells is recorded: each shard store's
+node, the node it is named for, the tables it holds, and the nodes of the training workers.
 The cluster: a head with no CPUs (driver, controller, actors) and three 1-CPU nodes for the two
 training workers, so a lost node leaves room for the restarted one. The data has 6 maps, one of
 which (g1/pert2) overflows float32 and must fail on its own while the others finish. The run is
@@ -89,6 +91,20 @@ def node_of(cluster: Cluster, pid: int) -> object:
     return raylet_pids(cluster)[parent_pid(pid)]
 
 
+def placement(cluster: Cluster, run_id: str) -> dict | None:
+    """Where the cells are once every training worker has fetched them: per shard store its node, the
+    node in its name and its tables, and the training workers' nodes; None before that."""
+    prefix = f"perturbot-shards-{run_id}-"
+    stores = [name for name in ray.util.list_named_actors() if name.startswith(prefix)]
+    workers = sorted({node_of(cluster, pid).node_id for pid in train_worker_pids(cluster)})
+    held = {name: ray.get(ray.get_actor(name).held.remote()) for name in stores}
+    if len(workers) < 2 or sum(1 for _, tables in held.values() if tables) < len(workers):
+        return None
+    return {"worker_nodes": workers,
+            "stores": [{"named_for": name[len(prefix):], "node": node, "tables": len(tables)}
+                       for name, (node, tables) in held.items()]}
+
+
 def main(fault: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     dataset, run_dir = out / "cells.h5ad", out / "run"
@@ -115,14 +131,23 @@ def main(fault: str, out: Path) -> dict:
         driver.wait()
         report["injected"] = f"driver killed with {checkpoints(run_dir)} stack checkpoints"
         ray.init(address=cluster.address)
-        resume_run(run_dir)
+        run_id = RunDir(run_dir).read_info()["run_id"]
+
+        def observe(_progress: object) -> None:
+            report["placement"] = report.get("placement") or placement(cluster, run_id)
+
+        resume_run(run_dir, on_progress=observe)
     else:
         ray.init(address=cluster.address)
         done = False
 
         def inject(_progress: object) -> None:
             nonlocal done
-            if done or checkpoints(run_dir) < 1 or not train_worker_pids(cluster):
+            if done or not RunDir(run_dir).exists():
+                return
+            run_id = RunDir(run_dir).read_info()["run_id"]
+            report["placement"] = report.get("placement") or placement(cluster, run_id)
+            if checkpoints(run_dir) < 1 or not report["placement"]:
                 return
             done = True
             victim = train_worker_pids(cluster)[0]
@@ -134,11 +159,12 @@ def main(fault: str, out: Path) -> dict:
                 cluster.remove_node(node, allow_graceful=False)
                 report["injected"] = f"removed node {node.unique_id} (ran train worker {victim})"
             elif fault == "shards":
-                run_id = RunDir(run_dir).read_info()["run_id"]
-                ray.kill(ray.get_actor(f"perturbot-shards-{run_id}"), no_restart=False)
+                stores = [n for n in ray.util.list_named_actors() if n.startswith(f"perturbot-shards-{run_id}-")]
+                for name in stores:
+                    ray.kill(ray.get_actor(name), no_restart=False)
                 time.sleep(2.0)
                 os.kill(victim, signal.SIGKILL)
-                report["injected"] = f"killed the shard store of {run_id}, then train worker {victim}"
+                report["injected"] = f"killed the {len(stores)} shard stores of {run_id}, then train worker {victim}"
 
         run(config(dataset, cluster.address), run_dir, on_progress=inject)
     ray.shutdown()

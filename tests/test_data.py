@@ -25,6 +25,7 @@ from engine.data import (
 )
 from engine.data.embed import fit_pca
 from engine.data.markers import welch_t
+from engine.data.prepared import read_tables
 from engine.data.preprocess import highly_variable
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -513,6 +514,23 @@ def test_save_load_round_trip(tmp_path: Path, kwargs: dict) -> None:
             np.testing.assert_array_equal(loaded.cells(*key, space=space), prepared.cells(*key, space=space))
     assert pa.total_allocated_bytes() == allocated  # memory-mapped: nothing read into Arrow's pool
     assert loaded != prepare(adata, spec(**{**kwargs, "seed": 9}))
+
+
+def test_layout_and_some_tables_hold_only_the_cells_asked_for(tmp_path: Path) -> None:
+    """A driver's layout holds no cells but knows every table's size; a worker reads only its tables."""
+    prepared = prepare(small(), spec(split_by="group"))
+    directory = prepared.save(tmp_path / "prepared")
+    layout = PreparedData.load(directory, tables=())
+    assert layout.tables == {} and layout.table_rows == prepared.table_rows and layout.maps == prepared.maps
+    assert [layout.n_cells(k) for k in layout.maps] == [prepared.n_cells(k) for k in prepared.maps]
+    assert layout == prepared.layout()
+    wanted = [("g1", "control", "train"), ("g1", "pert0", "test")]
+    assert sorted(read_tables(directory, wanted)) == wanted
+    assert all(read_tables(directory, wanted)[key].equals(prepared.tables[key]) for key in wanted)
+    with pytest.raises(KeyError, match="not held here"):
+        layout.cells("g1", "control", "train")
+    with pytest.raises(KeyError, match="no cell table"):
+        read_tables(directory, [("g9", "control", "train")])
 
 
 def test_load_reads_format_1_as_selected_on_test(tmp_path: Path) -> None:

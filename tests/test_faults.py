@@ -1,7 +1,8 @@
 """Faults: a map that fails for its own reason fails alone; and on a fake multi-node cluster
 (tests/fault_cluster.py, a Ray of its own in a subprocess) a killed worker, a removed node, a killed
 shard store and a killed driver (then `--resume`) all end with every map finished, resumed from its
-last checkpoint (not from step 0), and exactly one final row set per map."""
+last checkpoint (not from step 0), and exactly one final row set per map. Before each fault, every
+training node holds its own workers' cells only, in a shard store on that node."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import torch
 
 from engine.api import FitResult
 from engine.config import RunConfig
-from engine.data import prepare
+from engine.data import PreparedData, prepare
 from engine.rundir import RunDir
 from engine.store import Store
 from engine.train.worker import MapRun, train_maps
@@ -66,6 +67,10 @@ def test_a_fault_mid_run_loses_nothing(fault, tmp_path):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["injected"], report
     result = FitResult.load(tmp_path / "run")
+    placed = report["placement"]  # each training node reads its own workers' cells into a store on it
+    n_tables = len(PreparedData.load(result.dir.data, tables=()).table_rows)
+    assert sorted(s["node"] for s in placed["stores"]) == placed["worker_nodes"], placed
+    assert all(s["node"] == s["named_for"] and 0 < s["tables"] < n_tables for s in placed["stores"]), placed
     maps = result.maps().set_index("perturbation")
     assert len(maps) == 6
     assert maps.loc[BAD_MAP, "status"] in ("failed", "diverged") and maps.loc[BAD_MAP, "error"]

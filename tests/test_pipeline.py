@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from engine.api import FitResult, fit
-from engine.data import make_synthetic
+from engine.data import PreparedData, make_synthetic
 from engine.storage import StoragePath
 from engine.store import Store
 
@@ -245,3 +245,19 @@ def test_predictions_file_and_predict(trained):
     assert predicted.n_obs == 25 and set(predicted.obs["source_cell"]) == set(controls.obs_names)
     assert np.isfinite(predicted.X).all()
     assert not np.allclose(predicted.X, controls.X)  # the map moved the cells
+
+
+def test_predictions_file_holds_each_maps_test_controls_predicted(trained):
+    """predictions.h5ad (written one stack at a time): per map, its group's test controls in table
+    order, moved as `predict` moves them."""
+    result, adata, _, _, _, *_ = trained
+    predictions = ad.read_h5ad(result.run_dir / "predictions.h5ad")
+    prepared = PreparedData.load(result.dir.data)
+    assert predictions.n_obs == sum(prepared.table_rows[(k.group, "control", "test")] for k in prepared.maps)
+    for key in prepared.maps:
+        rows = predictions[predictions.obs["perturbation"] == key.perturbation]
+        rows = rows[rows.obs["group"] == key.group]
+        sources = prepared.cell_names(key.group, "control", "test")
+        assert list(rows.obs["source_cell"]) == sources and list(rows.obs_names) == [f"{key.name}:{c}" for c in sources]
+        again = result.predict(adata[sources], [key.name])
+        np.testing.assert_allclose(rows.X, again.X, rtol=1e-5, atol=1e-5)

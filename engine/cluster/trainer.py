@@ -20,11 +20,14 @@ from ray.train import FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
-from engine.cluster.actors import MetricsSink, ShardStore, SinkReporter
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from engine.cluster.actors import MetricsSink, ShardStore, SinkReporter, shard_store_name
 from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
 from engine.progress import ProgressFn, RunProgress
 from engine.rundir import RunDir
+from engine.storage import StoragePath
 from engine.solvers.optim import worker_average
 from engine.train.stack import stack_id, stacks_of
 from engine.train.stack_data import batch_share
@@ -55,37 +58,65 @@ def train_worker(loop_config: dict) -> None:
     print(f"worker {rank} on node {node} ({socket.gethostname()}) trains {len(keys)} maps: "
           + ", ".join(k.name for k in keys), flush=True)  # the worker log says who trains what
     config = RunConfig.from_dict(loop_config["config"])
-    shards = ray.get_actor(loop_config["shards"])
-    layout: PreparedData = ray.get(shards.layout.remote())
+    run_dir = RunDir(loop_config["run_dir"], storage=loop_config["storage"])  # a worker touches the storage only
+    layout = PreparedData.load(run_dir.data, tables=())
     control = layout.spec.control
-    wanted = [
+    wanted = sorted({
         (k.group or "", condition, split)
         for k in keys
         for condition in (control, k.perturbation)
         for split in layout.spec.splits
-    ]
-    refs = ray.get(shards.tables.remote(sorted(set(wanted))))
+    })
+    sink = ray.get_actor(loop_config["sink"])
     fetch_started = time.perf_counter()
+    refs = ray.get(node_shard_store(sink, loop_config["run_id"], node).tables.remote(wanted))
     tables = dict(zip(refs, ray.get(list(refs.values()))))
     megabytes = sum(table.nbytes for table in tables.values()) / 2**20
-    print(f"worker {rank} fetched {megabytes:.1f} MB of cells from the shard store in "
-          f"{time.perf_counter() - fetch_started:.2f} s", flush=True)  # the transfer a node pays, in its log
+    print(f"worker {rank} fetched {megabytes:.1f} MB of cells from the shard store of its node in "
+          f"{time.perf_counter() - fetch_started:.2f} s", flush=True)  # read from storage by the first worker of a node
     prepared = dataclasses.replace(layout, tables=tables)
     if config.cluster.gpus_per_worker > 0:
         device = ray.train.torch.get_device()
     else:
         torch.set_num_threads(1)
         device = torch.device("cpu")
-    reporter = SinkReporter(ray.get_actor(loop_config["sink"]))
+    reporter = SinkReporter(sink)
     workers = context.get_world_size()
     parallel = config.solver_cls.shared and workers > 1
     share = (rank, workers) if parallel else (0, 1)
     average = worker_average(batch_share(share, config.train.batch_size), dist.all_reduce) if parallel else None
     try:
-        run_dir = RunDir(loop_config["run_dir"], storage=loop_config["storage"])  # a worker touches the storage only
         train_maps(MapRun(prepared, config, run_dir, reporter, device, loop_config["run_id"], share, average), keys)
     except StopRequested:  # the driver stops the run: the running stack has checkpointed
         return
+
+
+SHARD_WAIT_S = 120.0  # how long a worker waits for the driver to start its node's shard store
+
+
+def node_shard_store(sink: ray.actor.ActorHandle, run_id: str, node: str) -> ray.actor.ActorHandle:
+    """The shard store of this worker's node: asked of the driver through the sink, then looked up."""
+    ray.get(sink.want_shards.remote(node))
+    waited = time.monotonic() + SHARD_WAIT_S
+    while True:
+        try:
+            return ray.get_actor(shard_store_name(run_id, node))
+        except ValueError:  # not created yet (the driver polls every half second)
+            if time.monotonic() > waited:
+                raise RuntimeError(f"no shard store for node {node} after {SHARD_WAIT_S:g} s: is the driver alive?")
+            time.sleep(0.2)
+
+
+def start_shard_stores(sink: ray.actor.ActorHandle, stores: dict[str, ray.actor.ActorHandle], run_id: str,
+                       data_dir: StoragePath) -> None:
+    """Create the shard store of every node whose workers asked for one and has none yet, pinned to that
+    node (soft affinity placed 0-CPU actors anywhere in Ray 2.60: measured; a lost node's store goes
+    with it, as do its workers). The driver owns them all."""
+    for node in sorted(ray.get(sink.shard_nodes.remote()) - set(stores)):
+        stores[node] = ShardStore.options(
+            name=shard_store_name(run_id, node),
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote(data_dir)
 
 
 STOP_WAIT_S = 60.0  # how long a stopped run waits for its workers to checkpoint
@@ -117,9 +148,8 @@ def run_training(
     steps_per_stack = cls.plan(config.solver_config(), config.train.steps).total
     if len(finished) == len(stacks):  # a resumed run that had finished training
         return
-    shards = ShardStore.options(name=f"perturbot-shards-{run_id}").remote(run_dir.data)
     sink = MetricsSink.options(name=f"perturbot-sink-{run_id}").remote(store_url)
-    ray.get(shards.layout.remote())  # surface data-loading errors before the fit
+    stores: dict[str, ray.actor.ActorHandle] = {}
     use_gpu = config.cluster.gpus_per_worker > 0
     resources = {"CPU": 1, **({"GPU": config.cluster.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -127,7 +157,6 @@ def run_training(
         train_loop_config={
             "config": config.to_dict(),
             "assignments": [[tuple(k) for k in keys] for keys in assignments],
-            "shards": f"perturbot-shards-{run_id}",
             "sink": f"perturbot-sink-{run_id}",
             "run_dir": str(run_dir.root.resolve()),
             "storage": run_dir.storage,  # a StoragePath: pickled with its filesystem
@@ -167,6 +196,7 @@ def run_training(
     try:
         while thread.is_alive():
             thread.join(0.5)
+            start_shard_stores(sink, stores, run_id, run_dir.data)
             if on_progress is not None:
                 on_progress(progress())
     except KeyboardInterrupt:  # workers checkpoint the step they reached and return (one more Ctrl-C: don't wait)
@@ -176,7 +206,7 @@ def run_training(
         raise
     finally:
         ray.get(sink.snapshot.remote())  # every queued row is written before the sink goes
-        for actor in (shards, sink):
+        for actor in (*stores.values(), sink):
             ray.kill(actor)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]

@@ -8,9 +8,11 @@ after preprocessing). Tables are read back as numpy views without a copy.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from dataclasses import dataclass
+from typing import Iterable
 
 import anndata as ad
 import numpy as np
@@ -28,7 +30,8 @@ from engine.data.spec import DataError, DataSpec, MapKey, name_some, parse_embed
 from engine.data.split import SPLITS, TRAIN, pair_indices, split_cells
 from engine.storage import PathLike, StoragePath, as_storage, to_bytes
 
-FORMAT = 2  # 2: valid split and DataSpec.select_on; format 1 had train/test tables only
+FORMAT = 3  # 3: rows per table in meta.json; 2: valid split and DataSpec.select_on; 1: train/test tables only
+TableKey = tuple[str, str, str]  # (group or "", condition, split)
 
 
 def _fixed_size_lists(x: np.ndarray) -> pa.FixedSizeListArray:
@@ -45,6 +48,20 @@ def _read_arrow(path: StoragePath) -> pa.Table:
         return ipc.open_file(source).read_all()
 
 
+def read_tables(directory: PathLike, keys: Iterable[TableKey]) -> dict[TableKey, pa.Table]:
+    """Some cell tables of a saved PreparedData (``save``), e.g. those of one worker's maps."""
+    directory, keys = as_storage(directory), list(keys)
+    files = _table_entries(json.loads((directory / "meta.json").read_text()))
+    unknown = [key for key in keys if key not in files]
+    if unknown:
+        raise KeyError(f"no cell table {unknown[0]} in {directory}")
+    return {key: _read_arrow(directory / files[key]["file"]) for key in keys}
+
+
+def _table_entries(meta: dict) -> dict[TableKey, dict]:
+    return {(e["group"], e["condition"], e["split"]): e for e in meta["tables"]}
+
+
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
     """A fixed_size_list<float32> column as a read-only [n, d] view (zero-copy for one chunk)."""
     array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
@@ -59,11 +76,12 @@ class PreparedData:
     features: list[str]  # data space (after hvg selection)
     input_features: list[str]  # what new cells must have (all features read, before selection)
     maps: list[MapKey]
-    tables: dict[tuple[str, str, str], pa.Table]
+    tables: dict[TableKey, pa.Table]  # the cell tables held in memory: all, some (a worker's), or none (``layout``)
     preprocessing: Preprocessing
     embedding: Embedding | None
     markers: dict[str, np.ndarray]
     contexts: ContextEncoder  # the maps' contexts (mode-of-action points fitted on train cells)
+    table_rows: dict[TableKey, int]  # cells per table, of every table (held or not)
 
     @property
     def dim(self) -> int:
@@ -73,8 +91,13 @@ class PreparedData:
     def _table(self, group: str | None, condition: str, split: str) -> pa.Table:
         key = (group or "", condition, split)
         if key not in self.tables:
-            raise KeyError(f"no cell table for group={group!r}, condition={condition!r}, split={split!r}")
+            held = "not held here" if key in self.table_rows else "none"
+            raise KeyError(f"no cell table for group={group!r}, condition={condition!r}, split={split!r} ({held})")
         return self.tables[key]
+
+    def layout(self) -> PreparedData:
+        """Everything but the cells (what a driver keeps once the data is saved)."""
+        return dataclasses.replace(self, tables={})
 
     def cells(self, group: str | None, condition: str, split: str, space: str = "train") -> np.ndarray:
         """Read-only float32 [n, d] view of a table: ``space`` "train" (dim) or "data" (n_features)."""
@@ -89,7 +112,7 @@ class PreparedData:
 
     def has_training_cells(self, key: MapKey) -> bool:
         """False for a held-out context (its perturbed cells are all test cells)."""
-        return self._table(key.group, key.perturbation, "train").num_rows > 0
+        return self.table_rows[(key.group or "", key.perturbation, "train")] > 0
 
     def control_of(self, key: MapKey) -> tuple[str | None, str]:
         """(group, control label) of the source cells of a map."""
@@ -97,7 +120,7 @@ class PreparedData:
 
     def n_cells(self, key: MapKey) -> int:
         """Train cells of a map, source plus target (the load-balancing weight)."""
-        return sum(self._table(key.group, c, "train").num_rows for c in (self.spec.control, key.perturbation))
+        return sum(self.table_rows[(key.group or "", c, "train")] for c in (self.spec.control, key.perturbation))
 
     def encode_controls(self, adata: ad.AnnData) -> np.ndarray:
         """New cells in the training space: the fitted preprocessing, then the embedding.
@@ -117,7 +140,8 @@ class PreparedData:
             file = f"cells_{i:05d}.arrow"
             with (directory / file).open_output() as sink, ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
-            entries.append({"group": group, "condition": condition, "split": split, "file": file})
+            entries.append({"group": group, "condition": condition, "split": split, "file": file,
+                            "rows": table.num_rows})
         arrays = {"markers": np.stack([self.markers[key.name] for key in self.maps])}
         if self.preprocessing.scale is not None:
             arrays["qscale"] = self.preprocessing.scale
@@ -139,8 +163,9 @@ class PreparedData:
         return directory
 
     @classmethod
-    def load(cls, directory: PathLike) -> PreparedData:
-        """Read what ``save`` wrote; on a local disk the tables are memory-mapped, not copied."""
+    def load(cls, directory: PathLike, tables: Iterable[TableKey] | None = None) -> PreparedData:
+        """Read what ``save`` wrote; on a local disk the tables are memory-mapped, not copied.
+        ``tables``: which cell tables to hold (default all; ``()`` for the layout alone)."""
         directory = as_storage(directory)
         if not (directory / "meta.json").is_file():
             raise DataError(f"no prepared data in {directory} (meta.json missing)")
@@ -149,10 +174,10 @@ class PreparedData:
             meta["spec"] = {**meta["spec"], "select_on": "test"}
         spec = DataSpec.from_dict(meta["spec"])
         maps = [MapKey(group, perturbation) for group, perturbation in meta["maps"]]
-        tables = {
-            (e["group"], e["condition"], e["split"]): _read_arrow(directory / e["file"])
-            for e in meta["tables"]
-        }
+        entries = _table_entries(meta)
+        held = read_tables(directory, entries if tables is None else tables)
+        rows = {key: e["rows"] if "rows" in e else read_tables(directory, [key])[key].num_rows
+                for key, e in entries.items()}  # before format 3: counted from the tables
         with np.load(io.BytesIO((directory / "arrays.npz").read_bytes())) as arrays:
             markers = {key.name: arrays["markers"][i] for i, key in enumerate(maps)}
             preprocessing = Preprocessing(spec.preprocess, arrays.get("qscale"), arrays.get("hvg"))
@@ -161,7 +186,7 @@ class PreparedData:
         input_features = meta.get("input_features", meta["features"])
         contexts = (ContextEncoder.from_dict(meta["contexts"]) if "contexts" in meta  # saved before: from labels
                     else ContextEncoder.for_maps(spec, maps))
-        return cls(spec, meta["features"], input_features, maps, tables, preprocessing, embedding, markers, contexts)
+        return cls(spec, meta["features"], input_features, maps, held, preprocessing, embedding, markers, contexts, rows)
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -173,6 +198,7 @@ class PreparedData:
             and json.dumps(self.contexts.to_dict()) == json.dumps(other.contexts.to_dict())
             and self.markers.keys() == other.markers.keys()
             and all(np.array_equal(v, other.markers[k]) for k, v in self.markers.items())
+            and self.table_rows == other.table_rows
             and self.tables.keys() == other.tables.keys()
             and all(t.equals(other.tables[k]) for k, t in self.tables.items())
         )
@@ -356,7 +382,8 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     moa_key = spec.context_keys and parse_embeddings(spec.embeddings, spec.context_keys).get(spec.condition_key) == "moa"
     moa = _mode_of_action(spec, maps, x_model, rows_of, unseen) if moa_key else None
     contexts = ContextEncoder.for_maps(spec, maps, moa)
-    return PreparedData(spec, features, input_features, maps, tables, preprocessing, embedding, markers, contexts)
+    rows = {key: table.num_rows for key, table in tables.items()}
+    return PreparedData(spec, features, input_features, maps, tables, preprocessing, embedding, markers, contexts, rows)
 
 
 def _mode_of_action(
