@@ -431,6 +431,59 @@ def test_condot_with_moa_contexts_trains_end_to_end(tmp_path):
         "KO1a", "KO1b", "KO2a", "KO2b", "KO3", "KO1a+KO2a"}
 
 
+def test_several_held_out_values_are_each_an_unseen_context_evaluated_on_their_cells(tmp_path):
+    """--holdout KEY=V1,V2: `dose=100,1000` leaves both doses without train or valid cells (all 100 of
+    each are test cells) and the others trained; `condition=KO1b,KO2b` under moa places each held-out
+    knockout from its own held-out cells (KO1b next to its twin KO1a, KO2b next to KO2a), and after
+    20 min-max steps both get test rows, each prediction beating identity by more than 3x."""
+    from engine.data import DataSpec, make_dose_response, prepare
+    from engine.data.contexts import map_contexts
+
+    doses = prepare(make_dose_response(n_cells=100), DataSpec("dose", "0", holdout=("dose", ("100", "1000")),
+                                                             context_keys=("dose",), embeddings=("dose=log",)))
+    assert {k.perturbation: doses.has_training_cells(k) for k in doses.maps} == {
+        "10": True, "100": False, "1000": False, "10000": True}
+    for dose in ("100", "1000"):
+        assert len(doses.cells(None, dose, "test")) == 100 and len(doses.cells(None, dose, "valid")) == 0
+    data = dict(condition_key="condition", control="control", holdout=["condition", ["KO1b", "KO2b"]],
+                context_keys=["condition"], embeddings=["condition=moa"])
+    prepared, reporter, _ = condot_run(tmp_path, knockouts(), 20, data, inner_steps=2)
+    names = [k.perturbation for k in prepared.maps]
+    point = dict(zip(names, map_contexts(prepared, prepared.maps)))
+    singles = [n for n in names if "+" not in n]
+    for name, twin in (("KO1b", "KO1a"), ("KO2b", "KO2a")):
+        key = prepared.maps[names.index(name)]
+        assert not prepared.has_training_cells(key) and len(prepared.cells(None, name, "test")) == 300
+        assert min((n for n in singles if n != name), key=lambda n: np.linalg.norm(point[n] - point[name])) == twin
+        final = final_mmd(reporter, name)
+        print(name, "mmd:", final)
+        assert set(final) == {"test", "test_identity", "test_observed", "test_mean_shift", "test_gaussian"}
+        assert final["test"] < final["test_identity"] / 3
+
+
+def test_per_knockout_cellot_sees_the_condot_runs_split_of_every_seen_knockout():
+    """Per-context CellOT maps beside CondOT: the same data and seed without --holdout and context
+    keys (every knockout its own map) split every (group, condition) the held-out run trains on, the
+    control included, into exactly the same train / valid / test cells (splits are drawn per pair,
+    seeded by the pair's labels); a held-out knockout is all test cells in the CondOT run and split
+    70/10/20 in the CellOT run (which trains on 70% of it: an oracle there)."""
+    from engine.data import DataSpec, prepare
+
+    adata = knockouts()
+    condot = prepare(adata, DataSpec("condition", "control", holdout=("condition", ("KO1b", "KO2b")),
+                                     context_keys=("condition",), embeddings=("condition=moa",)))
+    cellot = prepare(adata, DataSpec("condition", "control"))
+    assert [k.perturbation for k in condot.maps] == [k.perturbation for k in cellot.maps]
+    for condition in ["control", *(k.perturbation for k in condot.maps)]:
+        held_out, own = ({s: run.cell_names(None, condition, s) for s in ("train", "valid", "test")}
+                         for run in (condot, cellot))
+        if condition in ("KO1b", "KO2b"):
+            assert (len(held_out["train"]), len(held_out["valid"]), len(held_out["test"])) == (0, 0, 300)
+            assert [len(own[s]) for s in ("train", "valid", "test")] == [210, 30, 60]
+        else:
+            assert held_out == own and len(own["valid"]) == 30, condition
+
+
 # -- data-parallel training ---------------------------------------------------------------------------
 
 
