@@ -416,7 +416,7 @@ def fit(
     perturbations: list[str] | None = None,
     split_by: str | None = None,
     groups: list[str] | None = None,
-    holdout: tuple[str, str] | None = None,
+    holdout: tuple[str, str | Sequence[str]] | None = None,
     preprocess: str | None = None,
     hvg: int | None = None,
     embed: str | None = None,
@@ -450,6 +450,7 @@ def fit(
     Progress: a live bar on stderr (engine.progress.ProgressBar, as the CLI's), or each
     RunProgress to `on_progress` instead; progress=False shows nothing.
     groups: with split_by, train only these groups' maps (the others' cells are not read).
+    holdout: (KEY, VALUE) or (KEY, [VALUE, ...]): the cells with those obs[KEY] labels are the test split.
     context_keys / embeddings: a conditional solver's contexts (["dose"], ["dose=log"]; engine.data.contexts).
     """
     adata = data if isinstance(data, ad.AnnData) else None

@@ -30,8 +30,9 @@ def _data_args(p: argparse.ArgumentParser, perturbations_help: str, groups_help:
         p.add_argument("--perturbations", help=perturbations_help)
     p.add_argument("--split-by", help="obs key: one map per (group, perturbation), controls from the same group")
     p.add_argument("--only-groups", metavar="G[,G]", help=groups_help)
-    p.add_argument("--holdout", metavar="KEY=VALUE", help="cells with obs[KEY]==VALUE form the test split (o.o.s.); "
-                   "with --context-keys a context whose cells are all held out is not trained on, only evaluated")
+    p.add_argument("--holdout", metavar="KEY=VALUE[,VALUE]", help="cells with obs[KEY] equal to one of the values form "
+                   "the test split (o.o.s.); with --context-keys a context whose cells are all held out is not trained "
+                   "on, only evaluated")
     p.add_argument("--context-keys", metavar="KEY[,KEY]",
                    help="condot: what the map is conditioned on, the condition key and/or the split-by key")
     p.add_argument("--embedding", action="append", default=[], metavar="KEY=onehot|value|log|moa",
@@ -94,6 +95,15 @@ def _key_value(item: str, option: str) -> tuple[str, str]:
     return key, value
 
 
+def _holdout(item: str) -> list[str | list[str]]:
+    """[KEY, [VALUE, ...]] of `--holdout KEY=V1,V2,...`."""
+    key, values = _key_value(item, "--holdout")
+    parts = [v.strip() for v in values.split(",")]
+    if not all(parts):
+        raise DataError(f"--holdout expects KEY=VALUE[,VALUE...] with no empty value, got {item!r}")
+    return [key, parts]
+
+
 def _read_growth(path: Path) -> dict[str, float]:
     """{perturbation or "GROUP/PERTURBATION": factor} from a CSV with columns perturbation, growth [, group]."""
     import pandas as pd
@@ -120,7 +130,7 @@ def _resolve_config(args: argparse.Namespace, dataset: str | None, condition_key
                     perturbations: str | None, split_by: str | None) -> Any:
     from engine.config import RunConfig
 
-    holdout = list(_key_value(args.holdout, "--holdout")) if args.holdout else None
+    holdout = _holdout(args.holdout) if args.holdout else None
     wanted = None if perturbations in (None, "all") else [p.strip() for p in perturbations.split(",") if p.strip()]
     groups = [g.strip() for g in args.only_groups.split(",") if g.strip()] if args.only_groups else None
     return RunConfig.resolve(

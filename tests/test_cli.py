@@ -70,6 +70,8 @@ def _tiny(a):
         ("more workers than a fixed Ray has CPUs", lambda tmp, h: h, ["--workers", "64", "--split-by", "group"],
          "has 2 CPU(s)"),
         ("storage of an unknown scheme", lambda tmp, h: h, ["--storage", "nosuch://bucket/runs"], "nosuch://"),
+        ("a held-out value not in the data", lambda tmp, h: h, ["--holdout", "group=g0,g7"], "'g7' not found"),
+        ("an empty held-out value", lambda tmp, h: h, ["--holdout", "group=g0,"], "no empty value"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(case, make, args, needle, h5ad, tmp_path, capsys, ray_session):

@@ -68,8 +68,13 @@ def test_map_key_name_and_spec_round_trip() -> None:
     assert MapKey(None, "drug").name == "drug"
     s = spec(perturbations=["a", "b"], holdout=["donor", "d1"], embed="pca:5", preprocess="arcsinh5",
              split_by="donor", groups=["d0", "d2"])
-    assert s.perturbations == ("a", "b") and s.holdout == ("donor", "d1") and s.groups == ("d0", "d2")
+    assert s.perturbations == ("a", "b") and s.holdout == ("donor", ("d1",)) and s.groups == ("d0", "d2")
     assert DataSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    several = spec(holdout=["donor", ["d1", "d2"]])  # --holdout donor=d1,d2; a config's [KEY, VALUE] is one value
+    assert several.holdout == ("donor", ("d1", "d2")) and DataSpec.from_dict(several.to_dict()) == several
+    assert several.holdout_text == "donor='d1','d2'"
+    with pytest.raises(DataError, match="distinct"):
+        spec(holdout=["donor", ["d1", "d1"]])
     assert (s.select_on, s.valid_fraction, s.splits) == ("valid", 0.1, ("train", "valid", "test"))
     cellot = spec(select_on="test", valid_fraction=0.3, test_fraction=0.25)
     assert cellot.splits == ("train", "test") and DataSpec.from_dict(cellot.to_dict()) == cellot

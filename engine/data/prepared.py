@@ -270,7 +270,7 @@ def _check_splits(
             parts = [f"{count} {split}" for split, count in n.items()]
             raise DataError(
                 f"empty split: {_where(spec, g, c)} has {', '.join(parts[:-1])} and {parts[-1]} cells"
-                + (f" with holdout {spec.holdout[0]}={spec.holdout[1]!r}" if spec.holdout else "")
+                + (f" with holdout {spec.holdout_text}" if spec.holdout else "")
             )
 
 
@@ -315,10 +315,13 @@ def prepare(adata: ad.AnnData, spec: DataSpec) -> PreparedData:
     groups = _labels(adata, spec.split_by, "split_by key") if spec.split_by else np.full(adata.n_obs, "", dtype=object)
     holdout = None
     if spec.holdout is not None:
-        key, value = spec.holdout
-        holdout = _labels(adata, key, "holdout key") == value
-        if not holdout.any():
-            raise DataError(f"holdout value {value!r} not found in obs[{key!r}]")
+        key, values = spec.holdout
+        labels = _labels(adata, key, "holdout key")
+        missing = [v for v in values if not (labels == v).any()]
+        if missing:
+            raise DataError(f"holdout value(s) {name_some(missing)} not found in obs[{key!r}]; "
+                            f"labels: {name_some(sorted(set(labels)))}")
+        holdout = np.isin(labels, values)
     perturbations = _perturbations(conditions, spec)
     wanted_groups = _groups(groups, spec)
     all_pairs = pair_indices(groups, conditions)

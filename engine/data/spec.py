@@ -71,7 +71,8 @@ class DataSpec:
     perturbations: tuple[str, ...] | None = None  # labels to map; None = all but the control
     split_by: str | None = None  # obs column: one map per (group, perturbation), same-group controls
     groups: tuple[str, ...] | None = None  # with split_by: map only these groups' labels; None = every group
-    holdout: tuple[str, str] | None = None  # (KEY, VALUE): cells with obs[KEY] == VALUE are the test split
+    holdout: tuple[str, tuple[str, ...] | str] | None = None  # (KEY, (VALUE, ...)): cells with obs[KEY] in the
+    # values are the test split; a single VALUE (configs before several values) becomes (VALUE,)
     preprocess: str = "none"  # none | log1p_normalize | qscale_log1p | arcsinh5
     hvg: int | None = None  # keep the N most highly variable features (Seurat v1 dispersion, train cells)
     embed: str | None = None  # "pca:K" / "ae:K": train in a K-dim PCA / autoencoder latent
@@ -106,8 +107,12 @@ class DataSpec:
             object.__setattr__(self, "groups", tuple(str(g) for g in self.groups))
         if self.holdout is not None:
             if isinstance(self.holdout, str) or len(self.holdout) != 2:
-                raise DataError(f"holdout must be a (KEY, VALUE) pair, got {self.holdout!r}")
-            object.__setattr__(self, "holdout", (str(self.holdout[0]), str(self.holdout[1])))
+                raise DataError(f"holdout must be a (KEY, VALUES) pair, got {self.holdout!r}")
+            key, values = self.holdout
+            values = (str(values),) if isinstance(values, (str, int, float)) else tuple(str(v) for v in values)
+            if not values or len(set(values)) < len(values):
+                raise DataError(f"holdout {key}: expected distinct values, got {name_some(list(values))}")
+            object.__setattr__(self, "holdout", (str(key), values))
         if self.preprocess not in PREPROCESSING:
             raise DataError(f"unknown preprocess {self.preprocess!r}; expected one of {', '.join(PREPROCESSING)}")
         parse_embed(self.embed)
@@ -162,6 +167,11 @@ class DataSpec:
                             f"{self.condition_key!r} can have it")
 
     @property
+    def holdout_text(self) -> str:
+        """"KEY='V1','V2'" for messages ("" without a holdout)."""
+        return "" if self.holdout is None else f"{self.holdout[0]}={','.join(map(repr, self.holdout[1]))}"
+
+    @property
     def splits(self) -> tuple[str, ...]:
         """The splits made: ("train", "valid", "test"), or ("train", "test") when select_on == "test"."""
         return ("train", "valid", "test") if self.select_on == "valid" else ("train", "test")
@@ -174,7 +184,9 @@ class DataSpec:
     def to_dict(self) -> dict[str, Any]:
         """A json/yaml-safe mapping (tuples become lists) that ``from_dict`` turns back into this spec."""
         d = dataclasses.asdict(self)
-        for key in ("perturbations", "groups", "holdout", "context_keys", "embeddings"):
+        for key in ("perturbations", "groups", "context_keys", "embeddings"):
             if d[key] is not None:
                 d[key] = list(d[key])
+        if self.holdout is not None:
+            d["holdout"] = [self.holdout[0], list(self.holdout[1])]
         return d
