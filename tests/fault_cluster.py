@@ -147,8 +147,8 @@ def main(fault: str, out: Path) -> dict:
                 return
             run_id = RunDir(run_dir).read_info()["run_id"]
             report["placement"] = report.get("placement") or placement(cluster, run_id)
-            if checkpoints(run_dir) < 1 or not report["placement"]:
-                return
+            if checkpoints(run_dir) < 2 or not report["placement"]:  # both workers mid-stack, past a checkpoint:
+                return  # whichever dies, its stack must resume from that checkpoint, not start again
             done = True
             victim = train_worker_pids(cluster)[0]
             if fault == "worker":
