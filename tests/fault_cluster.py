@@ -55,14 +55,14 @@ def raylet_pids(cluster: Cluster) -> dict[int, object]:
     return {p.process.pid: node for node in cluster.worker_nodes for p in node.all_processes.get("raylet", [])}
 
 
-def train_worker_pids(cluster: Cluster) -> list[int]:
-    """Ray Train worker processes of THIS cluster (children of its raylets; other Rays on the
-    machine are left alone), from Linux /proc."""
+def train_worker_pids(cluster: Cluster, actor: bytes = b"RayTrainWorker") -> list[int]:
+    """Processes of `actor` (default: Ray Train workers) in THIS cluster's worker nodes (children of
+    its raylets; other Rays on the machine are left alone), from Linux /proc."""
     raylets = raylet_pids(cluster)
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if (entry.name.isdigit() and b"RayTrainWorker" in (entry / "cmdline").read_bytes()
+            if (entry.name.isdigit() and actor in (entry / "cmdline").read_bytes()
                     and parent_pid(int(entry.name)) in raylets):
                 pids.append(int(entry.name))
         except (OSError, ValueError, IndexError):  # gone meanwhile
@@ -150,7 +150,10 @@ def main(fault: str, out: Path) -> dict:
             if checkpoints(run_dir) < 2 or not report["placement"]:  # both workers mid-stack, past a checkpoint:
                 return  # whichever dies, its stack must resume from that checkpoint, not start again
             done = True
-            victim = train_worker_pids(cluster)[0]
+            # Ray Train's controller (0 CPUs) may run on a worker node, and losing it fails the fit:
+            # the victim is a worker on a node without the controller (there is always one)
+            controller = {node_of(cluster, pid).node_id for pid in train_worker_pids(cluster, b"TrainController")}
+            victim = next(pid for pid in train_worker_pids(cluster) if node_of(cluster, pid).node_id not in controller)
             if fault == "worker":
                 os.kill(victim, signal.SIGKILL)
                 report["injected"] = f"killed train worker {victim}"
