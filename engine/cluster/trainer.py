@@ -19,7 +19,6 @@ import torch.distributed as dist
 from ray.train import FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
-
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine.cluster.actors import MetricsSink, ShardStore, SinkReporter, shard_store_name
@@ -27,8 +26,8 @@ from engine.config import RunConfig
 from engine.data import MapKey, PreparedData
 from engine.progress import ProgressFn, RunProgress
 from engine.rundir import RunDir
-from engine.storage import StoragePath
 from engine.solvers.optim import worker_average
+from engine.storage import StoragePath
 from engine.train.stack import stack_id, stacks_of
 from engine.train.stack_data import batch_share
 from engine.train.loop import StopRequested

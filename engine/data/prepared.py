@@ -8,10 +8,9 @@ after preprocessing). Tables are read back as numpy views without a copy.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import anndata as ad
@@ -50,12 +49,18 @@ def _read_arrow(path: StoragePath) -> pa.Table:
 
 def read_tables(directory: PathLike, keys: Iterable[TableKey]) -> dict[TableKey, pa.Table]:
     """Some cell tables of a saved PreparedData (``save``), e.g. those of one worker's maps."""
-    directory, keys = as_storage(directory), list(keys)
-    files = _table_entries(json.loads((directory / "meta.json").read_text()))
-    unknown = [key for key in keys if key not in files]
+    directory = as_storage(directory)
+    return _read_tables(directory, _table_entries(json.loads((directory / "meta.json").read_text())), keys)
+
+
+def _read_tables(
+    directory: StoragePath, entries: dict[TableKey, dict], keys: Iterable[TableKey]
+) -> dict[TableKey, pa.Table]:
+    keys = list(keys)
+    unknown = [key for key in keys if key not in entries]
     if unknown:
         raise KeyError(f"no cell table {unknown[0]} in {directory}")
-    return {key: _read_arrow(directory / files[key]["file"]) for key in keys}
+    return {key: _read_arrow(directory / entries[key]["file"]) for key in keys}
 
 
 def _table_entries(meta: dict) -> dict[TableKey, dict]:
@@ -97,7 +102,7 @@ class PreparedData:
 
     def layout(self) -> PreparedData:
         """Everything but the cells (what a driver keeps once the data is saved)."""
-        return dataclasses.replace(self, tables={})
+        return replace(self, tables={})
 
     def cells(self, group: str | None, condition: str, split: str, space: str = "train") -> np.ndarray:
         """Read-only float32 [n, d] view of a table: ``space`` "train" (dim) or "data" (n_features)."""
@@ -175,8 +180,8 @@ class PreparedData:
         spec = DataSpec.from_dict(meta["spec"])
         maps = [MapKey(group, perturbation) for group, perturbation in meta["maps"]]
         entries = _table_entries(meta)
-        held = read_tables(directory, entries if tables is None else tables)
-        rows = {key: e["rows"] if "rows" in e else read_tables(directory, [key])[key].num_rows
+        held = _read_tables(directory, entries, entries if tables is None else tables)
+        rows = {key: e["rows"] if "rows" in e else _read_arrow(directory / e["file"]).num_rows
                 for key, e in entries.items()}  # before format 3: counted from the tables
         with np.load(io.BytesIO((directory / "arrays.npz").read_bytes())) as arrays:
             markers = {key.name: arrays["markers"][i] for i, key in enumerate(maps)}
