@@ -102,7 +102,11 @@ def placement(cluster: Cluster, run_id: str) -> dict | None:
         return None
     return {"worker_nodes": workers,
             "stores": [{"named_for": name[len(prefix):], "node": node, "tables": len(tables)}
-                       for name, (node, tables) in held.items()]}
+                       for name, (node, tables) in held.items()],
+            # the metrics sink and Ray Train's controller belong on the driver's node (the head), not on a
+            # training node that can be lost: their processes found on training nodes
+            "driver_actors_on_worker_nodes": [actor.decode() for actor in (b"MetricsSink", b"TrainController")
+                                              if train_worker_pids(cluster, actor)]}
 
 
 def main(fault: str, out: Path) -> dict:
@@ -150,10 +154,7 @@ def main(fault: str, out: Path) -> dict:
             if checkpoints(run_dir) < 2 or not report["placement"]:  # both workers mid-stack, past a checkpoint:
                 return  # whichever dies, its stack must resume from that checkpoint, not start again
             done = True
-            # Ray Train's controller (0 CPUs) may run on a worker node, and losing it fails the fit:
-            # the victim is a worker on a node without the controller (there is always one)
-            controller = {node_of(cluster, pid).node_id for pid in train_worker_pids(cluster, b"TrainController")}
-            victim = next(pid for pid in train_worker_pids(cluster) if node_of(cluster, pid).node_id not in controller)
+            victim = train_worker_pids(cluster)[0]
             if fault == "worker":
                 os.kill(victim, signal.SIGKILL)
                 report["injected"] = f"killed train worker {victim}"

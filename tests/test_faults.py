@@ -73,6 +73,7 @@ def test_a_fault_mid_run_loses_nothing(fault, tmp_path):
     n_tables = len(PreparedData.load(result.dir.data, tables=()).table_rows)
     assert sorted(s["node"] for s in placed["stores"]) == placed["worker_nodes"], placed
     assert all(s["node"] == s["named_for"] and 0 < s["tables"] < n_tables for s in placed["stores"]), placed
+    assert placed["driver_actors_on_worker_nodes"] == [], placed
     maps = result.maps().set_index("perturbation")
     assert len(maps) == 6
     assert maps.loc[BAD_MAP, "status"] in ("failed", "diverged") and maps.loc[BAD_MAP, "error"]
