@@ -55,7 +55,7 @@ def raylet_pids(cluster: Cluster) -> dict[int, object]:
     return {p.process.pid: node for node in cluster.worker_nodes for p in node.all_processes.get("raylet", [])}
 
 
-def train_worker_pids(cluster: Cluster, actor: bytes = b"RayTrainWorker") -> list[int]:
+def worker_node_pids(cluster: Cluster, actor: bytes = b"RayTrainWorker") -> list[int]:
     """Processes of `actor` (default: Ray Train workers) in THIS cluster's worker nodes (children of
     its raylets; other Rays on the machine are left alone), from Linux /proc."""
     raylets = raylet_pids(cluster)
@@ -96,7 +96,7 @@ def placement(cluster: Cluster, run_id: str) -> dict | None:
     node in its name and its tables, and the training workers' nodes; None before that."""
     prefix = f"perturbot-shards-{run_id}-"
     stores = [name for name in ray.util.list_named_actors() if name.startswith(prefix)]
-    workers = sorted({node_of(cluster, pid).node_id for pid in train_worker_pids(cluster)})
+    workers = sorted({node_of(cluster, pid).node_id for pid in worker_node_pids(cluster)})
     held = {name: ray.get(ray.get_actor(name).held.remote()) for name in stores}
     if len(workers) < 2 or sum(1 for _, tables in held.values() if tables) < len(workers):
         return None
@@ -106,7 +106,7 @@ def placement(cluster: Cluster, run_id: str) -> dict | None:
             # the metrics sink and Ray Train's controller belong on the driver's node (the head), not on a
             # training node that can be lost: their processes found on training nodes
             "driver_actors_on_worker_nodes": [actor.decode() for actor in (b"MetricsSink", b"TrainController")
-                                              if train_worker_pids(cluster, actor)]}
+                                              if worker_node_pids(cluster, actor)]}
 
 
 def main(fault: str, out: Path) -> dict:
@@ -154,7 +154,7 @@ def main(fault: str, out: Path) -> dict:
             if checkpoints(run_dir) < 2 or not report["placement"]:  # both workers mid-stack, past a checkpoint:
                 return  # whichever dies, its stack must resume from that checkpoint, not start again
             done = True
-            victim = train_worker_pids(cluster)[0]
+            victim = worker_node_pids(cluster)[0]
             if fault == "worker":
                 os.kill(victim, signal.SIGKILL)
                 report["injected"] = f"killed train worker {victim}"

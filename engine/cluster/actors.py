@@ -6,9 +6,9 @@ as one fixed_size_list<float32> column) that its node's workers ask for from the
 puts each in the node's object store once; the workers read them zero-copy by reference. Cells
 never travel between nodes, and a node holds only the groups of the maps it trains. Restarted by
 Ray, it starts empty and reads again on demand.
-MetricsSink is the store's single writer, pinned to the driver's node (where the store is): workers send metric and map rows (idempotent upserts,
-so a retried worker never duplicates a row) and progress (steps per stack, map statuses), which
-the driver polls.
+MetricsSink is the store's single writer, pinned to the driver's node (where the store is): workers
+send metric and map rows (idempotent upserts, so a retried worker never duplicates a row) and
+progress (steps per stack, map statuses), which the driver polls.
 """
 from __future__ import annotations
 

@@ -147,8 +147,10 @@ def run_training(
     steps_per_stack = cls.plan(config.solver_config(), config.train.steps).total
     if len(finished) == len(stacks):  # a resumed run that had finished training
         return
-    sink = MetricsSink.options(  # the store's writer runs beside the driver: its store is there (an SQLite file)
-        name=f"perturbot-sink-{run_id}",  # and a 0-CPU actor would otherwise go to any node, one that may be lost
+    # the store's writer runs on the driver's node, where its store is (an SQLite file); unpinned, Ray
+    # places a 0-CPU actor on any node, one that may be lost
+    sink = MetricsSink.options(
+        name=f"perturbot-sink-{run_id}",
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
     ).remote(store_url)
     stores: dict[str, ray.actor.ActorHandle] = {}
